@@ -1,0 +1,3 @@
+"""Tessera: build, train, evaluate and serve vision-language models in plain PyTorch."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,106 @@
+"""Datasets that turn records into model-ready samples, skipping and counting bad ones.
+
+- ImageCache: decodes each image file once into a small uint8 tensor (resized), keeps it.
+- ConversationDataset: LLaVA-style conversations → token ids, labels, images (placeholders
+  expanded to the model's exact visual-token count).
+- CaptionPairs: one image with all its captions (contrastive pretraining picks one).
+- text_samples: plain texts → BOS … EOS samples for language-model pretraining.
+
+A sample that cannot be made (unreadable image, conversation that does not fit) is None,
+and its reason is counted in `skips`; it never stops a run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import Tensor
+
+from tessera.data.collate import Sample
+from tessera.data.images import ImageError, ImageTransform, load_image
+from tessera.data.records import Caption, Conversation, SkipStats
+from tessera.data.templates import ChatTemplate, TemplateError, encode_conversation
+from tessera.text.tokenizer import Tokenizer
+
+
+class ImageCache:
+    """path → (3, H, W) uint8 tensor resized by `transform`; None (counted) when unreadable."""
+
+    def __init__(self, transform: ImageTransform, skips: SkipStats) -> None:
+        self.transform, self.skips = transform, skips
+        self._cache: dict[Path, Tensor | None] = {}
+
+    def get(self, path: Path) -> Tensor | None:
+        if path not in self._cache:
+            try:
+                self._cache[path] = self.transform.to_uint8(load_image(path))
+            except ImageError as err:
+                self.skips.skip("unreadable image", str(err))
+                self._cache[path] = None
+        return self._cache[path]
+
+    def normalize(self, pixels: Tensor) -> Tensor:
+        return self.transform.normalize_uint8(pixels)
+
+
+class ConversationDataset:
+    def __init__(
+        self,
+        records: Sequence[Conversation],
+        tokenizer: Tokenizer,
+        template: ChatTemplate | str,
+        images: ImageCache,
+        num_image_tokens: Callable[[int, int], int],
+        max_length: int,
+    ) -> None:
+        self.records, self.tokenizer, self.template = records, tokenizer, template
+        self.images, self.num_image_tokens, self.max_length = images, num_image_tokens, max_length
+        self.skips = images.skips
+        self._encoded: dict[int, tuple[list[int], list[int]] | None] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> Sample | None:
+        record = self.records[index]
+        pixels = [self.images.get(p) for p in record.images]
+        if any(p is None for p in pixels):
+            return None
+        if index not in self._encoded:
+            counts = [self.num_image_tokens(p.shape[1], p.shape[2]) for p in pixels]
+            try:
+                enc = encode_conversation(self.tokenizer, self.template, record.turns, counts, self.max_length)
+                self._encoded[index] = (enc.input_ids, enc.labels)
+            except TemplateError as err:
+                self.skips.skip("conversation does not fit the template", f"{record.id}: {err}")
+                self._encoded[index] = None
+        encoded = self._encoded[index]
+        if encoded is None:
+            return None
+        return Sample(input_ids=encoded[0], labels=encoded[1], images=pixels)
+
+
+@dataclass(frozen=True)
+class CaptionPairs:
+    """One image and every caption written for it."""
+
+    image: Path
+    captions: tuple[str, ...]
+
+
+def group_captions(captions: Sequence[Caption]) -> list[CaptionPairs]:
+    by_image: dict[Path, list[str]] = {}
+    for c in captions:
+        by_image.setdefault(c.image, []).append(c.caption)
+    return [CaptionPairs(image, tuple(caps)) for image, caps in by_image.items()]
+
+
+def text_sample(tokenizer: Tokenizer, text: str, max_length: int) -> Sample | None:
+    """BOS text EOS, every token after BOS supervised; None for an empty text."""
+    ids = tokenizer.encode(text)[: max_length - 2]
+    if not ids:
+        return None
+    ids = [tokenizer.bos_id, *ids, tokenizer.eos_id]
+    return Sample(input_ids=ids, labels=[-100, *ids[1:]])

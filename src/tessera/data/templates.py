@@ -1,0 +1,323 @@
+"""Conversation templates: turns → token ids with a label mask and expanded image placeholders.
+
+One engine renders every template. A `ChatTemplate` only lists the strings around each
+message; `encode_conversation` encodes each fragment and each message separately and
+concatenates the ids, so the boundary between "prompt" and "answer" is exact and an answer is
+always tokenized as `tokenizer.encode(answer)` (see the whitespace note in
+`tessera.text.tokenizer`). Labels are NOT shifted: `labels[i]` is `input_ids[i]` for the
+tokens of an assistant answer and of the template's stop string (everything the model must
+produce to finish its answer), and IGNORE_INDEX elsewhere. The collator does the shift.
+
+Each "<image>" in a user message becomes a run of `image_token_counts[k]` image tokens, the
+count the model reports for the k-th image, so features can later be scattered in 1:1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tessera.data.records import Turn
+from tessera.text.tokenizer import BOS_TOKEN, IMAGE_TOKEN, Tokenizer
+
+IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
+
+
+class TemplateError(ValueError):
+    """A conversation that cannot be encoded; datasets skip and count these."""
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """Strings that surround each message. Rendering, for a conversation of turns:
+
+    [BOS] [system block]  then per exchange:
+    user_prefix [system block if system_inside_first_user and first turn] user user_suffix
+    assistant_prefix assistant assistant_suffix  turn_separator (only before the next user turn)
+
+    The system block is `system_prefix + system + system_suffix`, present only when the system
+    prompt (a leading system turn, else `default_system`) is not empty. `assistant_suffix`
+    must contain `stop`; the suffix up to and including `stop` is labelled, the rest is not.
+    """
+
+    name: str
+    user_prefix: str
+    user_suffix: str
+    assistant_prefix: str
+    assistant_suffix: str
+    stop: str
+    system_prefix: str = ""
+    system_suffix: str = ""
+    turn_separator: str = ""
+    add_bos: bool = False
+    system_inside_first_user: bool = False
+    default_system: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.stop or self.stop not in self.assistant_suffix:
+            raise ValueError(
+                f"template {self.name!r}: stop {self.stop!r} must occur in assistant_suffix "
+                f"{self.assistant_suffix!r}"
+            )
+        fragments = (
+            self.user_prefix,
+            self.user_suffix,
+            self.assistant_prefix,
+            self.assistant_suffix,
+            self.system_prefix,
+            self.system_suffix,
+            self.turn_separator,
+            self.default_system,
+        )
+        if any(IMAGE_TOKEN in f for f in fragments):
+            raise ValueError(
+                f"template {self.name!r}: {IMAGE_TOKEN!r} may only occur in user messages"
+            )
+
+    @property
+    def labelled_suffix(self) -> str:
+        """The part of assistant_suffix the model must generate: up to and including `stop`."""
+        end = self.assistant_suffix.index(self.stop) + len(self.stop)
+        return self.assistant_suffix[:end]
+
+    @property
+    def unlabelled_suffix(self) -> str:
+        return self.assistant_suffix[len(self.labelled_suffix) :]
+
+
+TEMPLATES: dict[str, ChatTemplate] = {
+    # LLaVA v1 / LLaVA-1.5 / Vicuna v1: "USER: <image>\n{q} ASSISTANT: {a}</s>USER: ..."
+    "vicuna": ChatTemplate(
+        name="vicuna",
+        add_bos=True,
+        system_suffix=" ",
+        user_prefix="USER: ",
+        user_suffix=" ",
+        assistant_prefix="ASSISTANT: ",
+        assistant_suffix="</s>",
+        stop="</s>",
+    ),
+    # LLaMA-2-chat: every exchange is "<s>[INST] {q} [/INST] {a} </s>"; the system prompt sits
+    # inside the first [INST].
+    "llama2": ChatTemplate(
+        name="llama2",
+        add_bos=True,
+        system_prefix="<<SYS>>\n",
+        system_suffix="\n<</SYS>>\n\n",
+        system_inside_first_user=True,
+        user_prefix="[INST] ",
+        user_suffix=" ",
+        assistant_prefix="[/INST] ",
+        assistant_suffix=" </s>",
+        stop="</s>",
+        turn_separator=BOS_TOKEN,
+    ),
+    "chatml": ChatTemplate(
+        name="chatml",
+        system_prefix="<|im_start|>system\n",
+        system_suffix="<|im_end|>\n",
+        user_prefix="<|im_start|>user\n",
+        user_suffix="<|im_end|>\n",
+        assistant_prefix="<|im_start|>assistant\n",
+        assistant_suffix="<|im_end|>\n",
+        stop="<|im_end|>",
+    ),
+}
+
+
+def get_template(name: str) -> ChatTemplate:
+    try:
+        return TEMPLATES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown chat template {name!r}; choose one of {sorted(TEMPLATES)}"
+        ) from None
+
+
+@dataclass
+class EncodedConversation:
+    input_ids: list[int]
+    labels: list[int]  # same length as input_ids, unshifted, IGNORE_INDEX where not trained
+    image_token_counts: list[int]
+
+
+@dataclass(frozen=True)
+class _Fragment:
+    text: str
+    role: str  # "template" for template strings, else the role of the message
+    labelled: bool = False
+
+
+def _resolve(template: ChatTemplate | str) -> ChatTemplate:
+    return get_template(template) if isinstance(template, str) else template
+
+
+def _split_system(template: ChatTemplate, turns: Sequence[Turn]) -> tuple[str, Sequence[Turn]]:
+    if turns and turns[0].role == "system":
+        system, dialogue = turns[0].text, turns[1:]
+    else:
+        system, dialogue = template.default_system, turns
+    if not dialogue:
+        raise TemplateError("conversation has no user turn")
+    for position, turn in enumerate(dialogue):
+        expected = "user" if position % 2 == 0 else "assistant"
+        if turn.role != expected:
+            raise TemplateError(
+                f"turn {position} has role {turn.role!r}, expected {expected!r}: after an optional "
+                "leading system turn, turns must alternate user/assistant starting with user"
+            )
+    return system, dialogue
+
+
+def _fragments(
+    template: ChatTemplate, turns: Sequence[Turn], add_generation_prompt: bool
+) -> list[_Fragment]:
+    system, dialogue = _split_system(template, turns)
+    if add_generation_prompt and dialogue[-1].role != "user":
+        raise TemplateError("a generation prompt must end with a user turn")
+
+    system_block: list[_Fragment] = []
+    if system:
+        system_block = [
+            _Fragment(template.system_prefix, "template"),
+            _Fragment(system, "system"),
+            _Fragment(template.system_suffix, "template"),
+        ]
+
+    fragments: list[_Fragment] = []
+    if template.add_bos:
+        fragments.append(_Fragment(BOS_TOKEN, "template"))
+    if not template.system_inside_first_user:
+        fragments += system_block
+    for position, turn in enumerate(dialogue):
+        if turn.role == "user":
+            if position > 0:
+                fragments.append(_Fragment(template.turn_separator, "template"))
+            fragments.append(_Fragment(template.user_prefix, "template"))
+            if position == 0 and template.system_inside_first_user:
+                fragments += system_block
+            fragments.append(_Fragment(turn.text, "user"))
+            fragments.append(_Fragment(template.user_suffix, "template"))
+        else:
+            fragments.append(_Fragment(template.assistant_prefix, "template"))
+            fragments.append(_Fragment(turn.text, "assistant", labelled=True))
+            fragments.append(_Fragment(template.labelled_suffix, "template", labelled=True))
+            fragments.append(_Fragment(template.unlabelled_suffix, "template"))
+    if add_generation_prompt:
+        fragments.append(_Fragment(template.assistant_prefix, "template"))
+    return [f for f in fragments if f.text]
+
+
+def render_text(template: ChatTemplate | str, turns: Sequence[Turn]) -> str:
+    """The conversation as plain text, image placeholders left as "<image>"."""
+    return "".join(
+        f.text for f in _fragments(_resolve(template), turns, add_generation_prompt=False)
+    )
+
+
+def _encode_fragments(
+    tokenizer: Tokenizer, fragments: Sequence[_Fragment], image_token_counts: Sequence[int]
+) -> tuple[list[int], list[int], list[tuple[int, int]]]:
+    """Ids, unshifted labels and the [start, end) span of every image run."""
+    for fragment in fragments:
+        if fragment.role != "user" and IMAGE_TOKEN in fragment.text:
+            raise TemplateError(
+                f"{IMAGE_TOKEN} placeholder in a {fragment.role} turn; images belong in user turns"
+            )
+    placeholders = sum(f.text.count(IMAGE_TOKEN) for f in fragments if f.role == "user")
+    if placeholders != len(image_token_counts):
+        raise TemplateError(
+            f"conversation has {placeholders} {IMAGE_TOKEN} placeholder(s) but "
+            f"{len(image_token_counts)} image token count(s) were given"
+        )
+    if any(count < 1 for count in image_token_counts):
+        raise TemplateError(f"image token counts must be positive, got {list(image_token_counts)}")
+
+    input_ids: list[int] = []
+    labels: list[int] = []
+    image_spans: list[tuple[int, int]] = []
+    next_image = 0
+    for fragment in fragments:
+        if fragment.role != "user":
+            ids = tokenizer.encode(fragment.text)
+            input_ids += ids
+            labels += ids if fragment.labelled else [IGNORE_INDEX] * len(ids)
+            continue
+        # Split on the placeholder ourselves so each image becomes a run of the right length.
+        for piece_index, piece in enumerate(fragment.text.split(IMAGE_TOKEN)):
+            if piece_index > 0:
+                run = image_token_counts[next_image]
+                next_image += 1
+                image_spans.append((len(input_ids), len(input_ids) + run))
+                input_ids += [tokenizer.image_id] * run
+                labels += [IGNORE_INDEX] * run
+            if piece:
+                ids = tokenizer.encode(piece)
+                input_ids += ids
+                labels += [IGNORE_INDEX] * len(ids)
+    return input_ids, labels, image_spans
+
+
+def encode_conversation(
+    tokenizer: Tokenizer,
+    template: ChatTemplate | str,
+    turns: Sequence[Turn],
+    image_token_counts: Sequence[int],
+    max_length: int | None = None,
+) -> EncodedConversation:
+    """Encode a training conversation; raises TemplateError for anything it cannot encode faithfully.
+
+    Sequences longer than `max_length` are cut at the end, unless the cut would remove any
+    image token (the image's features could no longer be placed) or every label.
+    """
+    fragments = _fragments(_resolve(template), turns, add_generation_prompt=False)
+    input_ids, labels, image_spans = _encode_fragments(tokenizer, fragments, image_token_counts)
+    if max_length is not None and len(input_ids) > max_length:
+        for image_index, (start, end) in enumerate(image_spans):
+            if end > max_length:
+                raise TemplateError(
+                    f"truncation through an image: image {image_index} occupies tokens "
+                    f"[{start}, {end}) but max_length is {max_length} (sequence has {len(input_ids)})"
+                )
+        input_ids, labels = input_ids[:max_length], labels[:max_length]
+        if all(label == IGNORE_INDEX for label in labels):
+            raise TemplateError(
+                f"no answer tokens left after truncation to max_length {max_length}"
+            )
+    if all(label == IGNORE_INDEX for label in labels):
+        raise TemplateError("conversation has no assistant answer to learn from")
+    return EncodedConversation(input_ids, labels, list(image_token_counts))
+
+
+def encode_prompt(
+    tokenizer: Tokenizer,
+    template: ChatTemplate | str,
+    turns: Sequence[Turn],
+    image_token_counts: Sequence[int],
+) -> list[int]:
+    """Ids of `turns` (ending with a user turn) plus the assistant prefix, for generation.
+
+    The result is exactly a prefix of what `encode_conversation` produces once the answer is
+    appended, so the model continues the same token sequence it was trained on.
+    """
+    fragments = _fragments(_resolve(template), turns, add_generation_prompt=True)
+    input_ids, _, _ = _encode_fragments(tokenizer, fragments, image_token_counts)
+    return input_ids
+
+
+def stop_token_ids(tokenizer: Tokenizer, template: ChatTemplate | str) -> list[int]:
+    """Token ids that end an answer: the template's stop token, and EOS if it differs."""
+    template = _resolve(template)
+    ids = tokenizer.encode(template.stop)
+    if len(ids) != 1:
+        raise TemplateError(
+            f"template {template.name!r}: stop string {template.stop!r} is {len(ids)} tokens for "
+            "this tokenizer; it must be a single (special) token"
+        )
+    return ids if ids[0] == tokenizer.eos_id else ids + [tokenizer.eos_id]
+
+
+def with_system(template: ChatTemplate | str, system: str) -> ChatTemplate:
+    """A copy of `template` whose default system prompt is `system`."""
+    return dataclasses.replace(_resolve(template), default_system=system)

@@ -1,0 +1,121 @@
+"""Autoregressive generation with a KV cache: greedy or top-p sampling, batched with left padding.
+
+Works for any model that maps (input_ids, images) to hidden states through a LlamaDecoder:
+the LVLM, or the decoder alone (images ignored). Prompts are left-padded so every row's
+next token sits in the last column; positions start at 0 at each row's first real token,
+so a padded row computes exactly what it would alone.
+
+Shapes: B prompts, L_p longest prompt, N new tokens at most, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from tessera.models.lvlm import LVLM
+from tessera.text.llama import LlamaDecoder
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be ≥ 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be ≥ 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def _decoder(model: nn.Module) -> LlamaDecoder:
+    return model.language_model if isinstance(model, LVLM) else model
+
+
+def _embed(model: nn.Module, ids: Tensor, images: Sequence[Tensor]) -> Tensor:
+    if isinstance(model, LVLM):
+        return model.embed(ids, images)[0]
+    return model.embed_tokens(ids)
+
+
+def sample_next(logits: Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> Tensor:
+    """logits (B, V) → next token ids (B,)."""
+    if cfg.temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / cfg.temperature, dim=-1)
+    if cfg.top_p < 1:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        drop = sorted_p.cumsum(-1) - sorted_p >= cfg.top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        choice = torch.multinomial(sorted_p, 1, generator=generator)
+        return order.gather(-1, choice).squeeze(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    images: Sequence[Tensor] = (),
+    *,
+    stop_ids: Sequence[int],
+    pad_id: int,
+    config: GenerationConfig = GenerationConfig(),
+    use_cache: bool = True,
+) -> list[list[int]]:
+    """Continue each prompt; returns the new tokens of each row, stop token excluded.
+
+    `images` are all rows' images in order of their placeholders (already expanded in the
+    prompts). With use_cache=False every step reruns the whole sequence (the reference the
+    tests compare the cache against).
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one non-empty prompt")
+    decoder = _decoder(model)
+    device = decoder.embed_tokens.weight.device
+    b, longest = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((b, longest), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros(b, longest, dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, longest - len(p):] = torch.tensor(list(p), device=device)
+        mask[i, longest - len(p):] = True
+    generator = None
+    if config.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(config.seed)
+    stop = torch.tensor(sorted(set(stop_ids)), device=device)
+    finished = torch.zeros(b, dtype=torch.bool, device=device)
+    out: list[list[int]] = [[] for _ in range(b)]
+
+    embeds = _embed(model, ids, images)
+    cache = decoder.new_cache(b, longest + config.max_new_tokens, embeds.dtype) if use_cache else None
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    hidden = decoder(inputs_embeds=embeds, position_ids=positions, attention_mask=mask, kv_cache=cache)
+    for _ in range(config.max_new_tokens):
+        token = sample_next(decoder.logits(hidden[:, -1]), config, generator)
+        token = torch.where(finished, torch.full_like(token, pad_id), token)
+        finished_now = torch.isin(token, stop)
+        for i in range(b):
+            if not finished[i] and not finished_now[i]:
+                out[i].append(int(token[i]))
+        finished |= finished_now
+        if bool(finished.all()):
+            break
+        mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
+        next_pos = positions[:, -1:] + 1
+        positions = torch.cat([positions, next_pos], dim=1)
+        new_embed = decoder.embed_tokens(token[:, None])
+        if cache is not None:
+            hidden = decoder(inputs_embeds=new_embed, position_ids=next_pos, attention_mask=mask, kv_cache=cache)
+        else:
+            embeds = torch.cat([embeds, new_embed], dim=1)
+            hidden = decoder(inputs_embeds=embeds, position_ids=positions, attention_mask=mask)
+    return out

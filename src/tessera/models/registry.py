@@ -1,0 +1,35 @@
+"""Model kinds a checkpoint can hold: name → (config class, model class).
+
+A checkpoint's config.json names its kind; loading never depends on folder names.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from tessera.config import Config
+from tessera.models.dual_encoder import DualEncoder, DualEncoderConfig
+from tessera.models.lvlm import LVLM, LVLMConfig
+from tessera.text.llama import LlamaConfig, LlamaDecoder
+
+MODEL_KINDS: dict[str, tuple[type[Config], type[nn.Module]]] = {
+    "lvlm": (LVLMConfig, LVLM),
+    "dual_encoder": (DualEncoderConfig, DualEncoder),
+    "llama": (LlamaConfig, LlamaDecoder),
+}
+
+
+def kind_of(model: nn.Module) -> str:
+    for kind, (_, cls) in MODEL_KINDS.items():
+        if type(model) is cls:
+            return kind
+    raise ValueError(f"{type(model).__name__} is not a registered model kind ({sorted(MODEL_KINDS)})")
+
+
+def build_model(kind: str, config: dict[str, Any], where: str = "config") -> nn.Module:
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"{where}: unknown model kind {kind!r}; allowed: {sorted(MODEL_KINDS)}")
+    cfg_cls, model_cls = MODEL_KINDS[kind]
+    return model_cls(cfg_cls.parse(config, where=where))

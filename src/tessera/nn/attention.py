@@ -1,0 +1,128 @@
+"""The one attention function of Tessera, and the KV cache it reads and writes.
+
+Every model (ViT, text encoders, the LLM, connectors with queries) calls `attention`.
+It is the only place that knows about SDPA and how sequences are laid out:
+
+- padded batches: q, k, v are (B, H, L, D); an optional key-padding mask (B, Lk) says
+  which keys are real;
+- packed rows: B == 1 and `cu_seqlens` (S+1,) gives the start offset of each of the S
+  samples in the row; no token ever attends across a sample boundary;
+- causal or bidirectional; with a KV cache the queries are the LAST Lq positions of the
+  Lk keys (bottom-right aligned causal mask).
+
+Shape notation: B batch, Hq query heads, Hkv key/value heads (GQA: Hq % Hkv == 0),
+Lq / Lk query / key length, D head dim, T total tokens of a packed row, S samples.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool,
+    cu_seqlens: Tensor | None = None,
+    key_padding_mask: Tensor | None = None,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """Scaled dot-product attention over padded or packed sequences.
+
+    q: (B, Hq, Lq, D); k, v: (B, Hkv, Lk, D). Returns (B, Hq, Lq, D).
+    key_padding_mask: (B, Lk) bool, True = real key. attn_mask: (B or 1, 1 or Hq, Lq, Lk)
+    bool (True = may attend), for masks no flag expresses (e.g. the Q-Former's); it is
+    combined with the others.
+    """
+    if cu_seqlens is not None:
+        if q.shape[0] != 1 or q.shape[2] != k.shape[2]:
+            raise ValueError("packed attention needs B == 1 and Lq == Lk (no KV cache)")
+        if key_padding_mask is not None or attn_mask is not None:
+            raise ValueError("packed attention takes no extra mask: segments are the mask")
+        return _packed_attention(q, k, v, cu_seqlens, causal, dropout_p)
+
+    lq, lk = q.shape[2], k.shape[2]
+    enable_gqa = q.shape[1] != k.shape[1]
+    if key_padding_mask is None and attn_mask is None:
+        if not causal or lq == 1:
+            # A single query at the end of the cache may see every key.
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, enable_gqa=enable_gqa)
+        if lq == lk:
+            return F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, dropout_p=dropout_p, enable_gqa=enable_gqa
+            )
+    mask = _combine_masks(q, lq, lk, causal, key_padding_mask, attn_mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=enable_gqa)
+
+
+def _combine_masks(
+    q: Tensor, lq: int, lk: int, causal: bool, key_padding_mask: Tensor | None, attn_mask: Tensor | None
+) -> Tensor:
+    device = q.device
+    mask = torch.ones(1, 1, lq, lk, dtype=torch.bool, device=device)
+    if causal:
+        # Bottom-right aligned: query i (of the last Lq) sees keys up to lk - lq + i.
+        mask = torch.ones(lq, lk, dtype=torch.bool, device=device).tril(lk - lq)[None, None]
+    if key_padding_mask is not None:
+        mask = mask & key_padding_mask[:, None, None, :].to(torch.bool)
+    if attn_mask is not None:
+        mask = mask & attn_mask
+    # A query that may see no key at all (a left-pad position) would give NaN; let it see
+    # itself instead. Its output is never used.
+    empty = ~mask.any(dim=-1, keepdim=True)
+    if bool(empty.any()):
+        diag = torch.zeros(lq, lk, dtype=torch.bool, device=device)
+        diag[torch.arange(lq, device=device), torch.arange(lk - lq, lk, device=device)] = True
+        mask = mask | (empty & diag)
+    return mask
+
+
+def _packed_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, causal: bool, dropout_p: float) -> Tensor:
+    # On CPU, one SDPA call per segment does exactly the useful work (no T×T mask).
+    enable_gqa = q.shape[1] != k.shape[1]
+    bounds = cu_seqlens.tolist()
+    if len(bounds) == 2:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p, enable_gqa=enable_gqa)
+    outs = [
+        F.scaled_dot_product_attention(
+            q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=causal, dropout_p=dropout_p, enable_gqa=enable_gqa
+        )
+        for s, e in zip(bounds[:-1], bounds[1:], strict=True)
+        if e > s
+    ]
+    return torch.cat(outs, dim=2)
+
+
+class KVCache:
+    """Preallocated keys and values for every layer of a decoder.
+
+    k, v per layer: (B, Hkv, max_len, D). `length` counts the positions filled so far; a
+    layer's `update` writes the new positions and returns the filled prefix. The decoder
+    calls `advance` once per forward, after its last layer.
+    """
+
+    def __init__(
+        self, num_layers: int, batch: int, num_kv_heads: int, head_dim: int, max_len: int,
+        dtype: torch.dtype, device: torch.device | str = "cpu",
+    ) -> None:
+        shape = (batch, num_kv_heads, max_len, head_dim)
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.length = 0
+        self.max_len = max_len
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions > max_len {self.max_len}")
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n

@@ -1,0 +1,112 @@
+"""Small building blocks shared by every model: norms, activations, rotary embeddings, MLPs.
+
+Parameter names follow the Hugging Face modules of the same family so that checkpoints map
+one-to-one (fc1/fc2 for CLIP MLPs, gate_proj/up_proj/down_proj for LLaMA MLPs).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Activation = Literal["gelu", "gelu_tanh", "quick_gelu", "silu", "relu"]
+
+
+def activation_fn(name: Activation):
+    """The activation for a config name (HF spellings: gelu_pytorch_tanh → gelu_tanh)."""
+    if name == "gelu":
+        return F.gelu
+    if name == "gelu_tanh":
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "quick_gelu":
+        return lambda x: x * torch.sigmoid(1.702 * x)
+    if name == "silu":
+        return F.silu
+    if name == "relu":
+        return F.relu
+    raise ValueError(f"unknown activation {name!r}; allowed: gelu, gelu_tanh, quick_gelu, silu, relu")
+
+
+class RMSNorm(nn.Module):
+    """LLaMA's RMSNorm: normalised in float32, scaled in the input dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        if dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        x = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
+        return self.weight * x.to(dtype)
+
+
+class MLP(nn.Module):
+    """Two linear layers with an activation between (CLIP / ViT / BERT feed-forward)."""
+
+    def __init__(self, dim: int, hidden: int, act: Activation, bias: bool = True) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, bias=bias)
+        self.fc2 = nn.Linear(hidden, dim, bias=bias)
+        self.act = activation_fn(act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU feed-forward of LLaMA: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, dim: int, hidden: int, act: Activation = "silu", bias: bool = False) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        self.act = activation_fn(act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (the non-interleaved "rotate half" layout of LLaMA / HF).
+
+    `linear_scaling` > 1 divides positions (HF rope_type "linear").
+    """
+
+    def __init__(self, head_dim: int, theta: float = 10000.0, linear_scaling: float = 1.0) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        self.register_buffer("inv_freq", inv_freq / linear_scaling, persistent=False)
+
+    def forward(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """position_ids (B, L) → cos, sin of shape (B, 1, L, D), ready to broadcast over heads."""
+        freqs = position_ids[..., None].float() * self.inv_freq  # (B, L, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (B, H, L, D) rotated by the angles in cos/sin (B, 1, L, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def trunc_normal_init(module: nn.Module, std: float = 0.02) -> None:
+    """GPT/BERT-style init used by the tiny presets: normal(0, std) weights, zero biases."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+        elif isinstance(m, nn.Conv2d):
+            nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5))

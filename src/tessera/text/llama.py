@@ -1,0 +1,152 @@
+"""LLaMA-style decoder-only language model: RMSNorm, RoPE, SwiGLU, grouped-query attention,
+KV cache, packed sequences.
+
+Parameter names match Hugging Face's LlamaForCausalLM with the "model." prefix removed:
+embed_tokens, layers.N.self_attn.{q,k,v,o}_proj, layers.N.mlp.{gate,up,down}_proj,
+layers.N.{input,post_attention}_layernorm, norm, lm_head. Mistral and Qwen2 are the same
+graph (Qwen2 adds q/k/v biases: `attention_bias`).
+
+Shapes:
+    B batch (1 for a packed row)   L tokens per row   E hidden size   V vocabulary
+    Hq query heads   Hkv key/value heads   D head dim
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import model_validator
+from torch import Tensor, nn
+
+from tessera.config import Config
+from tessera.nn.attention import KVCache, attention
+from tessera.nn.layers import Activation, GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary
+
+
+class LlamaConfig(Config):
+    vocab_size: int = 1024
+    hidden_size: int = 256
+    intermediate_size: int = 704
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int | None = None  # None: hidden_size // num_heads
+    rope_theta: float = 10000.0
+    rope_linear_scaling: float = 1.0
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    act: Activation = "silu"
+
+    @model_validator(mode="after")
+    def _shapes(self) -> LlamaConfig:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        return self
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+
+class DecoderAttention(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        d = cfg.dim_per_head
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * d, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * d, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * d, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * d, cfg.hidden_size, bias=False)
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, *, layer_idx: int, cu_seqlens: Tensor | None,
+        key_padding_mask: Tensor | None, kv_cache: KVCache | None,
+    ) -> Tensor:
+        b, length, _ = x.shape
+        q = self.q_proj(x).view(b, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer_idx, k, v)
+        out = attention(q, k, v, causal=True, cu_seqlens=cu_seqlens, key_padding_mask=key_padding_mask)
+        return self.o_proj(out.transpose(1, 2).reshape(b, length, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.self_attn = DecoderAttention(cfg)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.act, bias=cfg.mlp_bias)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, *, cu_seqlens: Tensor | None,
+        key_padding_mask: Tensor | None, kv_cache: KVCache | None,
+    ) -> Tensor:
+        x = x + self.self_attn(
+            self.input_layernorm(x), cos, sin, layer_idx=self.layer_idx, cu_seqlens=cu_seqlens,
+            key_padding_mask=key_padding_mask, kv_cache=kv_cache,
+        )
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaDecoder(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = RotaryEmbedding(cfg.dim_per_head, cfg.rope_theta, cfg.rope_linear_scaling)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        w = self.embed_tokens.weight
+        return KVCache(
+            self.cfg.num_layers, batch, self.cfg.num_kv_heads, self.cfg.dim_per_head, max_len,
+            dtype or w.dtype, w.device,
+        )
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        *,
+        inputs_embeds: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        cu_seqlens: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        modality_mask: Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> Tensor:
+        """Final hidden states (B, L, E), after the last norm; `logits` maps them to (.., V).
+
+        attention_mask (B, Lk) marks real tokens (True) over the cache AND the new tokens.
+        modality_mask (B, L) marks image tokens; plain LLaMA layers treat every token alike,
+        layers with per-modality experts route by it.
+        """
+        del modality_mask  # no expert layers in the plain decoder
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        b, length = x.shape[:2]
+        past = kv_cache.length if kv_cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + length, device=x.device).expand(b, length)
+        cos, sin = self.rotary(position_ids, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, cu_seqlens=cu_seqlens, key_padding_mask=attention_mask, kv_cache=kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(length)
+        return self.norm(x)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return self.lm_head(hidden)

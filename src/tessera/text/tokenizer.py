@@ -1,0 +1,153 @@
+"""Byte-level BPE tokenizer: training, encoding, decoding, saving and loading.
+
+`Tokenizer` wraps a Hugging Face `tokenizers.Tokenizer` and adds what the rest of Tessera
+needs: named ids of the special tokens (padding, BOS/EOS, the image placeholder) and a
+single-file save format (`tokenizer.json`).
+
+Whitespace convention. The pre-tokenizer is ByteLevel with `add_prefix_space=False`: no
+space is invented in front of a text, so `encode(a) + encode(b)` decodes to exactly `a + b`
+and the tokens of a string never depend on what was encoded before it. The chat templates
+rely on this: they encode every fragment ("ASSISTANT: ", the answer, "</s>") on its own, so
+an answer is always tokenized as `encode(answer)`, during training and at generation time
+alike. Spaces stay with the fragment that wrote them (the template prefix "ASSISTANT: "
+ends with its own space token).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import tokenizers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+
+PAD_TOKEN = "<pad>"
+UNK_TOKEN = "<unk>"
+BOS_TOKEN = "<s>"
+EOS_TOKEN = "</s>"
+IMAGE_TOKEN = "<image>"
+
+# Fixed order: a token's position here is its id in every tokenizer `train_bpe` builds.
+SPECIAL_TOKENS: tuple[str, ...] = (
+    PAD_TOKEN,
+    UNK_TOKEN,
+    BOS_TOKEN,
+    EOS_TOKEN,
+    IMAGE_TOKEN,
+    # Role and format markers of the chat templates; atomic so that a template fragment
+    # never merges with the message next to it.
+    "<|im_start|>",
+    "<|im_end|>",
+    "[INST]",
+    "[/INST]",
+    "<<SYS>>",
+    "<</SYS>>",
+)
+
+TOKENIZER_FILE = "tokenizer.json"
+
+_REQUIRED_TOKENS = (PAD_TOKEN, UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, IMAGE_TOKEN)
+_BYTE_ALPHABET_SIZE = 256
+
+
+class Tokenizer:
+    """Text ↔ token ids. Never adds BOS/EOS by itself; templates decide where they go."""
+
+    def __init__(self, backend: tokenizers.Tokenizer) -> None:
+        missing = [t for t in _REQUIRED_TOKENS if backend.token_to_id(t) is None]
+        if missing:
+            raise ValueError(f"tokenizer lacks required special tokens: {missing}")
+        self._backend = backend
+        self._pad_id = self.token_id(PAD_TOKEN)
+        self._unk_id = self.token_id(UNK_TOKEN)
+        self._bos_id = self.token_id(BOS_TOKEN)
+        self._eos_id = self.token_id(EOS_TOKEN)
+        self._image_id = self.token_id(IMAGE_TOKEN)
+
+    @property
+    def backend(self) -> tokenizers.Tokenizer:
+        return self._backend
+
+    @property
+    def pad_id(self) -> int:
+        return self._pad_id
+
+    @property
+    def unk_id(self) -> int:
+        return self._unk_id
+
+    @property
+    def bos_id(self) -> int:
+        return self._bos_id
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos_id
+
+    @property
+    def image_id(self) -> int:
+        return self._image_id
+
+    @property
+    def vocab_size(self) -> int:
+        return self._backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; special tokens written in it ("<image>", "</s>") map to their id."""
+        return self._backend.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
+        # int() accepts plain ints as well as 0-d tensors / numpy scalars from a model's output.
+        return self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special)
+
+    def token_id(self, token: str) -> int:
+        token_id = self._backend.token_to_id(token)
+        if token_id is None:
+            raise ValueError(f"token {token!r} is not in the vocabulary")
+        return token_id
+
+    def save(self, directory: str | Path) -> Path:
+        """Write `<directory>/tokenizer.json` (everything needed to load it) and return its path."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / TOKENIZER_FILE
+        self._backend.save(str(path))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        """Load from a `tokenizer.json` file or a directory that contains one."""
+        path = Path(path)
+        file = path / TOKENIZER_FILE if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"no tokenizer found: {file} does not exist")
+        return cls(tokenizers.Tokenizer.from_file(str(file)))
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size})"
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int = 1024, min_frequency: int = 2) -> Tokenizer:
+    """Train a byte-level BPE tokenizer on `texts`.
+
+    All 256 bytes are in the vocabulary, so every string round-trips through
+    encode/decode and `<unk>` is never produced; `vocab_size` counts the bytes, the
+    special tokens and the learned merges.
+    """
+    smallest = _BYTE_ALPHABET_SIZE + len(SPECIAL_TOKENS)
+    if vocab_size < smallest:
+        raise ValueError(
+            f"vocab_size must be at least {smallest} (bytes + special tokens), got {vocab_size}"
+        )
+    backend = tokenizers.Tokenizer(models.BPE(unk_token=UNK_TOKEN))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer=trainer)
+    return Tokenizer(backend)

@@ -1,0 +1,57 @@
+"""A training stage, declared as data: which modules train, their learning rates, the
+objectives, the data, and how long. A recipe is a list of stages run in order."""
+
+from __future__ import annotations
+
+from pydantic import field_validator, model_validator
+
+from tessera.config import Config
+
+
+class StageConfig(Config):
+    name: str
+    # Module-name prefixes that train (e.g. ["connector"], ["connector", "language_model"]);
+    # ["*"] trains everything. Every other parameter is frozen and its module put in eval mode.
+    trainable: list[str]
+    objectives: dict[str, float] = {"lm": 1.0}  # objective name → weight
+    data: str = "llava_instruct"  # which file of the dataset the stage reads (the task resolves it)
+    steps: int
+    batch_size: int
+    grad_accum: int = 1
+    lr: float
+    lr_scale: dict[str, float] = {}  # module-name prefix → multiplier of lr (longest prefix wins)
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.98)
+    max_grad_norm: float | None = 1.0
+    bf16: bool = False
+    packing: bool = True
+    max_length: int = 512
+    seed: int = 0
+    log_every: int = 10
+    save_every: int | None = None  # also saves at the end when an output folder is given
+
+    @field_validator("steps", "batch_size", "grad_accum", "max_length", "log_every")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be ≥ 1")
+        return v
+
+    @field_validator("lr")
+    @classmethod
+    def _lr(cls, v: float) -> float:
+        if not 0 < v < 1:
+            raise ValueError("must be in (0, 1)")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> StageConfig:
+        if not self.trainable:
+            raise ValueError("trainable must name at least one module prefix (or '*')")
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps {self.warmup_steps} must be < steps {self.steps}")
+        if not self.objectives or any(w <= 0 for w in self.objectives.values()):
+            raise ValueError("objectives need at least one entry, each with a positive weight")
+        return self

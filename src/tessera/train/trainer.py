@@ -1,0 +1,232 @@
+"""The one trainer. It runs a stage (StageConfig) of any recipe on any model through a
+Task, which owns the data and the objectives:
+
+    task.num_examples                      examples in one epoch
+    task.make_batch(indices) -> batch      None when every example was skipped
+    task.loss(model, batch) -> (loss, logs)
+    task.after_step(model)                 e.g. clamp CLIP's logit scale
+    task.skips                             SkipStats of bad examples
+
+The trainer owns freezing, AdamW with per-module learning rates, warm-up + cosine
+schedule, gradient accumulation and clipping, bf16 autocast, seeding, checkpoints and an
+exact resume (model, optimizer, schedule, RNG and data position).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from tessera.data.records import SkipStats
+from tessera.train.checkpoint import load_checkpoint, save_checkpoint
+from tessera.train.freeze import TrainableReport, set_trainable
+from tessera.train.stage import StageConfig
+
+
+class Task(Protocol):
+    skips: SkipStats
+
+    @property
+    def num_examples(self) -> int: ...
+
+    def make_batch(self, indices: list[int]) -> Any | None: ...
+
+    def loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, float]]: ...
+
+    def after_step(self, model: nn.Module) -> None: ...
+
+
+@dataclass
+class StageResult:
+    stage: str
+    steps: int
+    seconds: float
+    final_loss: float
+    trainable: TrainableReport
+    history: list[dict[str, float]] = field(default_factory=list)
+    skips: SkipStats = field(default_factory=SkipStats)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _lr_multiplier(name: str, scales: dict[str, float]) -> float:
+    best, best_len = 1.0, -1
+    for prefix, scale in scales.items():
+        if (name == prefix or name.startswith(prefix + ".")) and len(prefix) > best_len:
+            best, best_len = scale, len(prefix)
+    return best
+
+
+def build_optimizer(model: nn.Module, stage: StageConfig) -> torch.optim.AdamW:
+    """AdamW with one group per (lr multiplier, decay) pair. Biases, norms, scalars (the
+    logit scale) and embeddings get no weight decay."""
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = p.ndim >= 2 and id(p) not in embedding_params
+        groups.setdefault((_lr_multiplier(name, stage.lr_scale), decay), []).append(p)
+    param_groups = [
+        {"params": ps, "lr": stage.lr * mult, "base_lr": stage.lr * mult,
+         "weight_decay": stage.weight_decay if decay else 0.0}
+        for (mult, decay), ps in groups.items()
+    ]
+    return torch.optim.AdamW(param_groups, lr=stage.lr, betas=stage.betas)
+
+
+def lr_factor(step: int, stage: StageConfig) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio."""
+    if step < stage.warmup_steps:
+        return (step + 1) / stage.warmup_steps
+    progress = (step - stage.warmup_steps) / max(1, stage.steps - stage.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return stage.min_lr_ratio + (1 - stage.min_lr_ratio) * cosine
+
+
+class EpochSampler:
+    """Seeded shuffling by epoch: batch k of the run is a pure function of (seed, k), so the
+    data position after resume is just the batch counter."""
+
+    def __init__(self, num_examples: int, batch_size: int, seed: int) -> None:
+        if num_examples == 0:
+            raise ValueError("the stage's dataset is empty")
+        self.n, self.bs, self.seed = num_examples, batch_size, seed
+        self.per_epoch = max(1, num_examples // batch_size)  # drop the ragged last batch
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def batch(self, k: int) -> list[int]:
+        epoch, i = divmod(k, self.per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
+        return self._perm[i * self.bs : (i + 1) * self.bs].tolist()
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: nn.Module,
+        stage: StageConfig,
+        task: Task,
+        *,
+        out_dir: str | Path | None = None,
+        checkpoint_meta: dict[str, Any] | None = None,
+        tokenizer_file: str | Path | None = None,
+        progress: bool = True,
+        stop_after: int | None = None,
+    ) -> None:
+        self.model, self.stage, self.task = model, stage, task
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.checkpoint_meta = checkpoint_meta or {}
+        self.tokenizer_file = tokenizer_file
+        self.progress = progress
+        self.stop_after = stop_after  # for tests: stop (and save) early, as if interrupted
+
+    def _state(self, step: int, optimizer: torch.optim.Optimizer, batches_seen: int) -> dict[str, Any]:
+        return {
+            "stage": self.stage.name,
+            "stage_config": self.stage.to_dict(),
+            "step": step,
+            "batches_seen": batches_seen,
+            "optimizer": optimizer.state_dict(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+            },
+        }
+
+    def save(self, path: Path, step: int, optimizer: torch.optim.Optimizer, batches_seen: int) -> Path:
+        return save_checkpoint(
+            path, self.model, meta={**self.checkpoint_meta, "stage": self.stage.name, "step": step},
+            tokenizer_file=self.tokenizer_file, trainer_state=self._state(step, optimizer, batches_seen),
+        )
+
+    def fit(self, resume_from: str | Path | None = None) -> StageResult:
+        stage, model = self.stage, self.model
+        seed_everything(stage.seed)
+        report = set_trainable(model, stage.trainable)
+        optimizer = build_optimizer(model, stage)
+        sampler = EpochSampler(self.task.num_examples, stage.batch_size, stage.seed)
+        step = batches_seen = 0
+        if resume_from is not None:
+            step, batches_seen = self._resume(Path(resume_from), optimizer)
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=stage.bf16)
+        history: list[dict[str, float]] = []
+        bar = tqdm(total=stage.steps, initial=step, desc=f"train {stage.name}", disable=not self.progress,
+                   dynamic_ncols=True, leave=True)
+        start, last_loss, window = time.perf_counter(), float("nan"), []
+        while step < stage.steps:
+            factor = lr_factor(step, stage)
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * factor
+            logs_acc: dict[str, float] = {}
+            micro = 0
+            while micro < stage.grad_accum:
+                batch = self.task.make_batch(sampler.batch(batches_seen))
+                batches_seen += 1
+                if batch is None:
+                    self.task.skips.skip("batch with no usable example", f"batch {batches_seen - 1}")
+                    continue
+                with autocast:
+                    loss, logs = self.task.loss(model, batch)
+                (loss / stage.grad_accum).backward()
+                for k, v in {"loss": float(loss), **logs}.items():
+                    logs_acc[k] = logs_acc.get(k, 0.0) + v / stage.grad_accum
+                micro += 1
+            if stage.max_grad_norm is not None:
+                params = [p for p in model.parameters() if p.requires_grad]
+                logs_acc["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            self.task.after_step(model)
+            step += 1
+            last_loss = logs_acc["loss"]
+            window.append(last_loss)
+            if step % stage.log_every == 0 or step == stage.steps:
+                history.append({"step": step, "lr": stage.lr * factor, **logs_acc})
+                bar.set_postfix(loss=f"{sum(window) / len(window):.4f}")
+                window = []
+            bar.update(1)
+            at_save = stage.save_every is not None and step % stage.save_every == 0
+            stopping = self.stop_after is not None and step >= self.stop_after
+            if self.out_dir is not None and (at_save or stopping) and step < stage.steps:
+                self.save(self.out_dir / f"step-{step:06d}", step, optimizer, batches_seen)
+            if stopping:
+                break
+        bar.close()
+        if self.out_dir is not None and step == stage.steps:
+            self.save(self.out_dir / "final", step, optimizer, batches_seen)
+        model.eval()
+        return StageResult(
+            stage=stage.name, steps=step, seconds=time.perf_counter() - start, final_loss=last_loss,
+            trainable=report, history=history, skips=self.task.skips,
+        )
+
+    def _resume(self, path: Path, optimizer: torch.optim.Optimizer) -> tuple[int, int]:
+        ckpt = load_checkpoint(path)
+        if not ckpt.trainer_state_path.is_file():
+            raise FileNotFoundError(f"{path}: no trainer_state.pt, cannot resume training from it")
+        self.model.load_state_dict(ckpt.model.state_dict())
+        state = torch.load(ckpt.trainer_state_path, weights_only=False)
+        if state["stage"] != self.stage.name:
+            raise ValueError(f"{path} was saved by stage {state['stage']!r}, not {self.stage.name!r}")
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        return state["step"], state["batches_seen"]
