@@ -18,7 +18,7 @@ quickstart: $(STAMP)
 	$(VENV)/bin/tessera quickstart --out runs/quickstart
 
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_llava.py --out benchmarks/results.json --md BENCHMARKS.md

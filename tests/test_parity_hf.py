@@ -89,7 +89,7 @@ def randomize_(model: nn.Module, seed: int) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=gen)
-            if p.dim() == 1:
+            if p.dim() <= 1:  # biases, gains, scalars such as a logit scale
                 is_gain = "norm" in name and name.endswith("weight")
                 p.copy_(1.0 + 0.2 * noise if is_gain else 0.1 * noise)
             elif "embed" in name and p.dim() == 2:

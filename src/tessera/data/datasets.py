@@ -20,7 +20,7 @@ from torch import Tensor
 
 from tessera.data.collate import Sample
 from tessera.data.images import ImageError, ImageTransform, load_image
-from tessera.data.records import Caption, Conversation, SkipStats
+from tessera.data.records import Caption, Conversation, SkipStats, Turn
 from tessera.data.templates import ChatTemplate, TemplateError, encode_conversation
 from tessera.text.tokenizer import Tokenizer
 
@@ -80,6 +80,43 @@ class ConversationDataset:
         if encoded is None:
             return None
         return Sample(input_ids=encoded[0], labels=encoded[1], images=pixels)
+
+
+def group_by_image(conversations: Sequence[Conversation], max_turns: int = 16, seed: int = 0) -> list[Conversation]:
+    """Merge the conversations about one image into multi-turn conversations (LLaVA-1.5
+    does this with VQA questions): the image's tokens are then computed once for many
+    answers. The image placeholder stays in the first user turn only; turn order within an
+    image is shuffled with `seed`. Conversations with several images or none pass through.
+    A merged conversation holds at most `max_turns` turns, in whole question/answer pairs.
+    """
+    import random
+
+    if max_turns < 2:
+        raise ValueError(f"max_turns must be ≥ 2 (one question and its answer), got {max_turns}")
+    chunk_turns = max_turns - max_turns % 2  # an odd cut would start a chunk with an answer
+    rng = random.Random(seed)
+    by_image: dict[Path, list[Conversation]] = {}
+    passthrough: list[Conversation] = []
+    for conv in conversations:
+        if len(conv.images) == 1:
+            by_image.setdefault(conv.images[0], []).append(conv)
+        else:
+            passthrough.append(conv)
+    merged: list[Conversation] = []
+    for image, convs in by_image.items():
+        rng.shuffle(convs)
+        turns: list[Turn] = []
+        for conv in convs:
+            for turn in conv.turns:
+                if turn.role == "system":
+                    continue
+                text = turn.text.replace("<image>", "").lstrip("\n").strip() if turn.role == "user" else turn.text
+                turns.append(Turn(turn.role, text))
+        for start in range(0, len(turns), chunk_turns):
+            chunk = turns[start : start + chunk_turns]
+            chunk[0] = Turn("user", "<image>\n" + chunk[0].text)
+            merged.append(Conversation(id=f"{convs[0].id}+{start}", images=(image,), turns=tuple(chunk)))
+    return merged + passthrough
 
 
 @dataclass(frozen=True)

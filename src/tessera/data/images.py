@@ -108,3 +108,14 @@ class ImageTransform:
     def __call__(self, img: Image.Image) -> torch.Tensor:
         """A (3, H, W) float32 tensor ready for a vision encoder."""
         return self.normalize_uint8(self.to_uint8(img))
+
+
+def transform_from_meta(meta: dict, fallback_size: int) -> ImageTransform:
+    """The ImageTransform a checkpoint was trained or imported with (its meta's image_size,
+    image_mean, image_std), CLIP's statistics and a square `fallback_size` where absent."""
+    size = meta.get("image_size") or [fallback_size, fallback_size]
+    return ImageTransform(
+        size=(int(size[0]), int(size[1])),
+        mean=tuple(meta.get("image_mean", CLIP_MEAN)),
+        std=tuple(meta.get("image_std", CLIP_STD)),
+    )

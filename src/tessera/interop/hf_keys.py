@@ -6,15 +6,27 @@ mapping is a prefix rule per family:
 - LLaMA-family decoders (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM):
   "model.X" <-> "X", and "lm_head.weight" unchanged. With tied word embeddings a Hugging
   Face checkpoint usually leaves lm_head.weight out; it is filled from the embedding.
-- CLIP vision tower (CLIPVisionModel, or the vision half of CLIPModel): "vision_model.X" <-> "X".
-- CLIP text tower (CLIPTextModel, or the text half of CLIPModel): "text_model.X" <-> "X".
-  transformers >= 5 holds and saves a standalone CLIP tower without its prefix; loading
-  accepts both layouts, exporting writes the prefixed one.
+- CLIP and SigLIP vision towers (CLIPVisionModel, SiglipVisionModel, or the vision half of
+  CLIPModel / SiglipModel): "vision_model.X" <-> "X".
+- CLIP and SigLIP text towers (CLIPTextModel, SiglipTextModel, or the text half of the whole
+  models): "text_model.X" <-> "X".
+  transformers >= 5 holds and saves a standalone tower without its prefix; loading accepts
+  both layouts, exporting writes the prefixed one.
+- Whole dual encoders (CLIPModel -> DualEncoder, SiglipModel -> SigLIPDualEncoder): the
+  same keys on both sides.
+- LLaVA (LlavaForConditionalGeneration -> LVLM): "vision_tower.vision_model.X" <->
+  "vision_tower.X", "multi_modal_projector.X" <-> "connector.X", "language_model.model.X" <->
+  "language_model.X", "language_model.lm_head.weight" <-> "language_model.lm_head.weight"
+  (the hub's layout, which save_pretrained still writes); transformers >= 5's in-memory
+  layout ("model.vision_tower.X", "model.language_model.X", "lm_head.weight", ...) is
+  accepted too.
 
 The config functions translate a Hugging Face config dict (config.json, or
-`PretrainedConfig.to_dict()`) into the Tessera config of the same computation. A value that
-changes the computation in a way Tessera cannot express raises ValueError naming the key;
-bookkeeping keys (token ids other than CLIP's EOS, dtype, architectures) are ignored.
+`PretrainedConfig.to_dict()`) into the Tessera config of the same computation, and back
+(`*_config_to_hf`). A value that changes the computation in a way Tessera (or, exporting,
+transformers) cannot express raises ValueError naming the key; bookkeeping keys (token ids
+other than CLIP's EOS, dtype, architectures) are ignored. Keys a config.json leaves out take
+the defaults of the transformers config class.
 
 `load_state_dict_strict` is how a translated checkpoint enters a module: every key and shape
 must match, and a mismatch is reported with the source file and the offending keys.
@@ -28,6 +40,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from tessera.connectors.projector import ProjectorConfig
+from tessera.models.dual_encoder import DualEncoderConfig, SigLIPDualEncoderConfig
+from tessera.models.lvlm import LVLMConfig
 from tessera.nn.layers import Activation
 from tessera.text.clip_text import CLIPTextConfig
 from tessera.text.llama import LlamaConfig
@@ -44,14 +59,22 @@ LLAMA_FAMILY = ("llama", "mistral", "qwen2")
 # Buffers that older checkpoints saved but both libraries recompute at construction.
 _DERIVED_BUFFER_SUFFIXES = ("rotary_emb.inv_freq", "embeddings.position_ids")
 
-# Top-level parts of a combined CLIPModel checkpoint; a tower's loader skips the others.
+# Top-level parts of a whole CLIPModel / SiglipModel checkpoint; a tower's loader skips the others.
 _CLIP_MODEL_PARTS = (
     CLIP_VISION_PREFIX,
     CLIP_TEXT_PREFIX,
     "visual_projection.",
     "text_projection.",
     "logit_scale",
+    "logit_bias",
 )
+
+# LLaVA checkpoint layouts: the hub's (written by save_pretrained) and transformers >= 5's
+# in-memory one. The vision tower may carry its own "vision_model." level inside.
+LLAVA_VISION_PREFIXES = ("model.vision_tower.", "vision_tower.")
+LLAVA_PROJECTOR_PREFIXES = ("model.multi_modal_projector.", "multi_modal_projector.")
+LLAVA_DECODER_PREFIXES = ("model.language_model.", "language_model.model.")
+LLAVA_HEAD_KEYS = ("lm_head.weight", "language_model.lm_head.weight")
 
 # Hugging Face activation names (transformers.activations.ACT2CLS) → Tessera's, for the
 # activations that compute the same function.
@@ -61,6 +84,14 @@ _HF_ACTIVATIONS: dict[str, Activation] = {
     "gelu": "gelu",
     "gelu_pytorch_tanh": "gelu_tanh",
     "gelu_new": "gelu_tanh",
+    "quick_gelu": "quick_gelu",
+    "relu": "relu",
+}
+# Tessera activation → the Hugging Face name written on export.
+_TO_HF_ACTIVATION: dict[str, str] = {
+    "silu": "silu",
+    "gelu": "gelu",
+    "gelu_tanh": "gelu_pytorch_tanh",
     "quick_gelu": "quick_gelu",
     "relu": "relu",
 }
@@ -88,6 +119,61 @@ _HF_CLIP_TEXT_DEFAULTS: dict[str, Any] = {
     "hidden_act": "quick_gelu",
     "layer_norm_eps": 1e-5,
     "eos_token_id": 49407,
+}
+
+# SiglipVisionConfig / SiglipTextConfig defaults.
+_HF_SIGLIP_VISION_DEFAULTS: dict[str, Any] = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "num_channels": 3,
+    "image_size": 224,
+    "patch_size": 16,
+    "hidden_act": "gelu_pytorch_tanh",
+    "layer_norm_eps": 1e-6,
+    "vision_use_head": True,
+}
+_HF_SIGLIP_TEXT_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 32000,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 64,
+    "hidden_act": "gelu_pytorch_tanh",
+    "layer_norm_eps": 1e-6,
+}
+# LlamaConfig / MistralConfig / Qwen2Config defaults (LLaVA's text_config often stores only a
+# few keys). Llama's num_key_value_heads defaults to num_attention_heads.
+_HF_DECODER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {
+        "vocab_size": 32000,
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "max_position_embeddings": 2048,
+    },
+    "mistral": {
+        "vocab_size": 32000,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 4096 * 32,
+        "sliding_window": 4096,
+    },
+    "qwen2": {
+        "vocab_size": 151936,
+        "hidden_size": 4096,
+        "intermediate_size": 22016,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "max_position_embeddings": 32768,
+    },
 }
 
 # Hugging Face's CLIPTextModel treats eos_token_id == 2 as a legacy config and pools at the
@@ -136,7 +222,8 @@ def clip_text_key_to_hf(key: str) -> str:
     return CLIP_TEXT_PREFIX + key
 
 
-def _is_derived_buffer(key: str) -> bool:
+def is_derived_buffer(key: str) -> bool:
+    """Whether `key` is a buffer that older checkpoints saved but both libraries recompute."""
     return key.endswith(_DERIVED_BUFFER_SUFFIXES)
 
 
@@ -151,7 +238,7 @@ def llama_state_dict_from_hf(
     With tied embeddings a missing lm_head.weight is taken from the embedding, and a present
     one must equal it (the module has a single tensor for both).
     """
-    state = {llama_key_from_hf(k): v for k, v in hf_state.items() if not _is_derived_buffer(k)}
+    state = {llama_key_from_hf(k): v for k, v in hf_state.items() if not is_derived_buffer(k)}
     if tie_word_embeddings and EMBED_KEY in state:
         head = state.setdefault(LM_HEAD_KEY, state[EMBED_KEY])
         if head is not state[EMBED_KEY] and not torch.equal(head, state[EMBED_KEY]):
@@ -177,7 +264,7 @@ def llama_state_dict_to_hf(
 def _clip_tower_from_hf(
     hf_state: Mapping[str, Tensor], prefix: str, family: str
 ) -> dict[str, Tensor]:
-    keys = [k for k in hf_state if not _is_derived_buffer(k)]
+    keys = [k for k in hf_state if not is_derived_buffer(k)]
     if not any(k.startswith(prefix) for k in keys):
         if any(k.startswith(_CLIP_MODEL_PARTS) for k in keys):
             raise ValueError(
@@ -194,10 +281,11 @@ def _clip_tower_from_hf(
 
 
 def clip_vision_state_dict_from_hf(hf_state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """A CLIPVisionModel or CLIPModel checkpoint → VisionTransformer state dict.
+    """A CLIPVisionModel / SiglipVisionModel (or whole CLIPModel / SiglipModel) checkpoint →
+    VisionTransformer state dict.
 
-    Keys carry "vision_model." in CLIPModel checkpoints and in CLIPVisionModel checkpoints
-    written by transformers < 5; a standalone tower saved by transformers >= 5 has none.
+    Keys carry "vision_model." in whole-model checkpoints and in tower checkpoints written by
+    transformers < 5; a standalone tower saved by transformers >= 5 has none.
     """
     return _clip_tower_from_hf(hf_state, CLIP_VISION_PREFIX, "CLIP vision")
 
@@ -208,8 +296,8 @@ def clip_vision_state_dict_to_hf(state: Mapping[str, Tensor]) -> dict[str, Tenso
 
 
 def clip_text_state_dict_from_hf(hf_state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """A CLIPTextModel or CLIPModel checkpoint → CLIPTextTransformer state dict ("text_model."
-    prefix optional, as for the vision tower)."""
+    """A CLIPTextModel / SiglipTextModel (or whole-model) checkpoint → CLIPTextTransformer state
+    dict ("text_model." prefix optional, as for the vision tower)."""
     return _clip_tower_from_hf(hf_state, CLIP_TEXT_PREFIX, "CLIP text")
 
 
@@ -218,16 +306,28 @@ def clip_text_state_dict_to_hf(state: Mapping[str, Tensor]) -> dict[str, Tensor]
 
 
 def load_state_dict_strict(
-    module: nn.Module, state_dict: Mapping[str, Tensor], source: str, *, shown: int = 5
+    module: nn.Module,
+    state_dict: Mapping[str, Tensor],
+    source: str,
+    *,
+    shown: int = 5,
+    origins: Mapping[str, str] | None = None,
 ) -> None:
     """Load every tensor of `state_dict` into `module`, which must have exactly these keys and
     shapes; otherwise raise CheckpointMismatchError naming `source` (a file name) and the first
-    `shown` missing, unexpected and mis-shaped keys."""
+    `shown` missing, unexpected and mis-shaped keys. `origins` maps a key to where it came from
+    (e.g. "model-00002-of-00003.safetensors: 'model.norm.weight'"), added to what is reported
+    about it."""
+    origins = origins or {}
+
+    def described(key: str) -> str:
+        return f"{key} [{origins[key]}]" if key in origins else key
+
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
+    unexpected = sorted(described(k) for k in set(state_dict) - set(expected))
     mis_shaped = sorted(
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        f"{described(k)}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
         for k in set(expected) & set(state_dict)
         if state_dict[k].shape != expected[k].shape
     )
@@ -254,13 +354,17 @@ def _required(d: Mapping[str, Any], key: str, family: str) -> Any:
     return d[key]
 
 
-def _activation(d: Mapping[str, Any], default: str) -> Activation:
-    name = d.get("hidden_act", default)
+def _activation(d: Mapping[str, Any], default: str, key: str = "hidden_act") -> Activation:
+    name = d.get(key, default)
     if name not in _HF_ACTIVATIONS:
         raise ValueError(
-            f"config key 'hidden_act' = {name!r} is not supported; supported: {', '.join(_HF_ACTIVATIONS)}"
+            f"config key {key!r} = {name!r} is not supported; supported: {', '.join(_HF_ACTIVATIONS)}"
         )
     return _HF_ACTIVATIONS[name]
+
+
+def _activation_to_hf(act: Activation) -> str:
+    return _TO_HF_ACTIVATION[act]
 
 
 def _rope(d: Mapping[str, Any]) -> tuple[float, float]:
@@ -295,6 +399,7 @@ def llama_config_from_hf(d: Mapping[str, Any]) -> LlamaConfig:
         raise ValueError(
             f"config key 'model_type' = {family!r} is not a LLaMA-family decoder ({', '.join(LLAMA_FAMILY)})"
         )
+    d = {**_HF_DECODER_DEFAULTS[family], **d}
     num_heads = _required(d, "num_attention_heads", family)
     # Qwen2's attention_bias is implicit: q/k/v always have biases, o_proj never does.
     attention_bias = family == "qwen2"
@@ -392,3 +497,407 @@ def clip_text_config_from_hf(d: Mapping[str, Any]) -> CLIPTextConfig:
         layer_norm_eps=d["layer_norm_eps"],
         eos_token_id=eos,
     )
+
+
+def vit_config_from_hf_siglip_vision(d: Mapping[str, Any]) -> ViTConfig:
+    """A SiglipVisionConfig dict (or a SiglipConfig dict, whose vision_config is used) → ViTConfig
+    in SigLIP style: no class token, no pre-norm, biased patch embedding, post_layernorm over all
+    tokens, and the attention-pooling head when vision_use_head is set."""
+    d = {**_HF_SIGLIP_VISION_DEFAULTS, **(d.get("vision_config") or d)}
+    return ViTConfig(
+        image_size=_square(d, "image_size"),
+        patch_size=_square(d, "patch_size"),
+        hidden_size=d["hidden_size"],
+        num_layers=d["num_hidden_layers"],
+        num_heads=d["num_attention_heads"],
+        intermediate_size=d["intermediate_size"],
+        act=_activation(d, "gelu_pytorch_tanh"),
+        layer_norm_eps=d["layer_norm_eps"],
+        class_token=False,
+        num_channels=d["num_channels"],
+        pre_layernorm=False,
+        patch_bias=True,
+        post_layernorm_on="all_tokens",
+        map_head=bool(d["vision_use_head"]),
+    )
+
+
+_VISION_CONFIG_READERS = {
+    "clip_vision_model": vit_config_from_hf_clip_vision,
+    "siglip_vision_model": vit_config_from_hf_siglip_vision,
+}
+
+
+def vit_config_from_hf(d: Mapping[str, Any]) -> ViTConfig:
+    """A vision tower config dict of any supported family, chosen by its model_type."""
+    family = d.get("model_type")
+    if family not in _VISION_CONFIG_READERS:
+        raise ValueError(
+            f"config key 'model_type' = {family!r} is not a supported vision tower "
+            f"({', '.join(_VISION_CONFIG_READERS)})"
+        )
+    return _VISION_CONFIG_READERS[family](d)
+
+
+def siglip_text_config_from_hf(d: Mapping[str, Any]) -> CLIPTextConfig:
+    """A SiglipTextConfig dict (or a SiglipConfig dict, whose text_config is used) → a
+    bidirectional CLIPTextConfig pooled at the last position through `head`."""
+    d = {**_HF_SIGLIP_TEXT_DEFAULTS, **(d.get("text_config") or d)}
+    eos = d.get("eos_token_id")
+    return CLIPTextConfig(
+        vocab_size=d["vocab_size"],
+        hidden_size=d["hidden_size"],
+        num_layers=d["num_hidden_layers"],
+        num_heads=d["num_attention_heads"],
+        intermediate_size=d["intermediate_size"],
+        max_position_embeddings=d["max_position_embeddings"],
+        act=_activation(d, "gelu_pytorch_tanh"),
+        layer_norm_eps=d["layer_norm_eps"],
+        # Not used for pooling (SigLIP pools the last position); kept for the export.
+        eos_token_id=eos if isinstance(eos, int) else CLIPTextConfig().eos_token_id,
+        causal=False,
+        pooling="last",
+        head_size=d.get("projection_size") or d["hidden_size"],
+    )
+
+
+def _section(key: str, read: Any, d: Mapping[str, Any]) -> Any:
+    """Translate the nested config `d` under `key`, naming the section in any error."""
+    if not isinstance(d, Mapping):
+        raise ValueError(f"config key {key!r} is missing or not an object")
+    try:
+        return read(d)
+    except ValueError as err:
+        raise ValueError(f"{key}: {err}") from None
+
+
+def clip_dual_encoder_config_from_hf(d: Mapping[str, Any]) -> DualEncoderConfig:
+    """A CLIPConfig dict → DualEncoderConfig (the learned logit scale comes with the weights)."""
+    return DualEncoderConfig(
+        vision=_section("vision_config", vit_config_from_hf_clip_vision, d.get("vision_config") or {}),
+        text=_section("text_config", clip_text_config_from_hf, d.get("text_config") or {}),
+        projection_dim=d.get("projection_dim", 512),
+        logit_scale_init=d.get("logit_scale_init_value", 2.6592),
+    )
+
+
+def siglip_dual_encoder_config_from_hf(d: Mapping[str, Any]) -> SigLIPDualEncoderConfig:
+    """A SiglipConfig dict → SigLIPDualEncoderConfig (logit scale and bias come with the weights)."""
+    vision = _section(
+        "vision_config", vit_config_from_hf_siglip_vision, d.get("vision_config") or {}
+    )
+    if not vision.map_head:
+        raise ValueError(
+            "vision_config: config key 'vision_use_head' = False is not supported for a whole "
+            "SiglipModel (its image embedding is the head's output)"
+        )
+    return SigLIPDualEncoderConfig(
+        vision=vision,
+        text=_section("text_config", siglip_text_config_from_hf, d.get("text_config") or {}),
+    )
+
+
+def lvlm_config_from_hf(d: Mapping[str, Any]) -> LVLMConfig:
+    """A LlavaConfig dict → LVLMConfig.
+
+    vision_feature_select_strategy "default" drops the first token of every image: Tessera's
+    "patch" for a tower with a class token; a tower without one (SigLIP) would lose a real patch,
+    which Tessera does not do, so only "full" is accepted there. projector_hidden_act "linear"
+    is Tessera's linear connector (see `lvlm_state_dict_from_hf`).
+    """
+    if not isinstance(d.get("vision_config"), Mapping) or not d["vision_config"]:
+        raise ValueError("config key 'vision_config' is missing or empty")
+    # LlavaConfig's vision tower is CLIP's unless the section says otherwise.
+    vision_d = {"model_type": "clip_vision_model", **d["vision_config"]}
+    vision = _section("vision_config", vit_config_from_hf, vision_d)
+    text = dict(d.get("text_config") or {})
+    if not text:
+        raise ValueError("config key 'text_config' is missing or empty")
+    # LlavaConfig ties the head when either level asks for it.
+    text["tie_word_embeddings"] = bool(
+        text.get("tie_word_embeddings", False) or d.get("tie_word_embeddings", False)
+    )
+    llm = _section("text_config", llama_config_from_hf, text)
+
+    layer = d.get("vision_feature_layer", -2)
+    if not isinstance(layer, int):
+        raise ValueError(
+            f"config key 'vision_feature_layer' = {layer!r} is not supported (one layer index, "
+            "not a list of layers to concatenate)"
+        )
+    strategy = d.get("vision_feature_select_strategy", "default")
+    if strategy == "default" and vision.class_token:
+        select = "patch"
+    elif strategy == "full":
+        # Without a class token Tessera's two selections keep the same tokens; "patch" is its default.
+        select = "full" if vision.class_token else "patch"
+    elif strategy == "default":
+        raise ValueError(
+            "config key 'vision_feature_select_strategy' = 'default' drops the first patch of a "
+            "vision tower without a class token; not supported (use 'full')"
+        )
+    else:
+        raise ValueError(
+            f"config key 'vision_feature_select_strategy' = {strategy!r} is not supported "
+            "(default, full)"
+        )
+    bias = bool(d.get("multimodal_projector_bias", True))
+    if d.get("projector_hidden_act", "gelu") == "linear":
+        connector = ProjectorConfig(kind="linear", bias=bias)
+    else:
+        connector = ProjectorConfig(
+            kind="mlp", act=_activation(d, "gelu", key="projector_hidden_act"), bias=bias
+        )
+    return LVLMConfig(
+        vision=vision,
+        connector=connector,
+        llm=llm,
+        image_token_id=d.get("image_token_index", d.get("image_token_id", 32000)),
+        vision_feature_layer=layer,
+        vision_feature_select=select,
+    )
+
+
+# ------------------------------------------------------------- whole-model state dicts
+
+
+def dual_encoder_state_dict_from_hf(hf_state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A CLIPModel / SiglipModel checkpoint → DualEncoder / SigLIPDualEncoder state dict: the
+    same keys, minus the buffers both libraries recompute."""
+    return {k: v for k, v in hf_state.items() if not is_derived_buffer(k)}
+
+
+def _strip_any(key: str, prefixes: tuple[str, ...]) -> str | None:
+    for prefix in prefixes:
+        if key.startswith(prefix):
+            return key[len(prefix) :]
+    return None
+
+
+def lvlm_state_dict_from_hf(hf_state: Mapping[str, Tensor], cfg: LVLMConfig) -> dict[str, Tensor]:
+    """A LlavaForConditionalGeneration checkpoint (either layout, see the module docstring) →
+    LVLM state dict.
+
+    Hugging Face's projector always has two layers; a linear connector is stored with an
+    identity second layer and no activation ("linear"). That layer must be exactly the
+    identity (and its bias zero): it is then left out, as the linear connector computes the
+    same. Anything else raises rather than being approximated.
+    """
+    vision: dict[str, Tensor] = {}
+    projector: dict[str, Tensor] = {}
+    decoder: dict[str, Tensor] = {}
+    for key, value in hf_state.items():
+        if is_derived_buffer(key):
+            continue
+        if key in LLAVA_HEAD_KEYS:
+            decoder[LM_HEAD_KEY] = value
+        elif (rest := _strip_any(key, LLAVA_DECODER_PREFIXES)) is not None:
+            decoder[DECODER_PREFIX + rest] = value
+        elif (rest := _strip_any(key, LLAVA_VISION_PREFIXES)) is not None:
+            vision[rest.removeprefix(CLIP_VISION_PREFIX)] = value
+        elif (rest := _strip_any(key, LLAVA_PROJECTOR_PREFIXES)) is not None:
+            projector[rest] = value
+        else:
+            raise ValueError(
+                f"LLaVA key {key!r} belongs to no part (vision tower, multi_modal_projector, "
+                "language model)"
+            )
+    if cfg.connector.kind == "linear":
+        _drop_identity_layer(projector, cfg.llm.hidden_size)
+    state = {f"vision_tower.{k}": v for k, v in vision.items()}
+    state.update({f"connector.{k}": v for k, v in projector.items()})
+    llm = llama_state_dict_from_hf(decoder, tie_word_embeddings=cfg.llm.tie_word_embeddings)
+    state.update({f"language_model.{k}": v for k, v in llm.items()})
+    return state
+
+
+def _drop_identity_layer(projector: dict[str, Tensor], dim: int) -> None:
+    weight = projector.pop("linear_2.weight", None)
+    bias = projector.pop("linear_2.bias", None)
+    identity = weight is not None and weight.shape == (dim, dim)
+    identity = identity and torch.equal(weight, torch.eye(dim, dtype=weight.dtype))
+    if not identity or (bias is not None and bool(bias.any())):
+        raise ValueError(
+            "config key 'projector_hidden_act' = 'linear' is supported only as a linear connector, "
+            "whose multi_modal_projector.linear_2 is exactly the identity with zero bias; this "
+            "checkpoint's is not"
+        )
+
+
+def lvlm_state_dict_to_hf(state: Mapping[str, Tensor], cfg: LVLMConfig) -> dict[str, Tensor]:
+    """LVLM state dict → LlavaForConditionalGeneration keys in the hub's layout. A linear
+    connector gets the identity second layer Hugging Face's projector needs."""
+    hf_state: dict[str, Tensor] = {}
+    decoder: dict[str, Tensor] = {}
+    for key, value in state.items():
+        part, _, rest = key.partition(".")
+        if part == "vision_tower":
+            hf_state[f"vision_tower.{CLIP_VISION_PREFIX}{rest}"] = value
+        elif part == "connector":
+            hf_state[f"multi_modal_projector.{rest}"] = value
+        elif part == "language_model":
+            decoder[rest] = value
+        else:
+            raise ValueError(f"LVLM key {key!r} belongs to no part")
+    for key, value in llama_state_dict_to_hf(
+        decoder, tie_word_embeddings=cfg.llm.tie_word_embeddings
+    ).items():
+        hf_state[f"language_model.{key}"] = value
+    if cfg.connector.kind == "linear":
+        like = state["connector.linear_1.weight"]
+        dim = cfg.llm.hidden_size
+        hf_state["multi_modal_projector.linear_2.weight"] = torch.eye(dim, dtype=like.dtype)
+        if cfg.connector.bias:
+            hf_state["multi_modal_projector.linear_2.bias"] = torch.zeros(dim, dtype=like.dtype)
+    return hf_state
+
+
+# ------------------------------------------------------------------ configs → HF
+
+
+def llama_config_to_hf(cfg: LlamaConfig) -> dict[str, Any]:
+    """LlamaConfig → a LlamaConfig dict, or a Qwen2Config dict when q/k/v have biases (Qwen2's
+    layout; Llama's attention_bias would add one to o_proj too). RoPE is written as
+    rope_theta + rope_scaling, which every transformers version reads."""
+    family = "qwen2" if cfg.attention_bias else "llama"
+    if family == "qwen2" and cfg.mlp_bias:
+        raise ValueError(
+            "cannot export: q/k/v biases (Qwen2) together with MLP biases match no transformers decoder"
+        )
+    d: dict[str, Any] = {
+        "model_type": family,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "hidden_act": _activation_to_hf(cfg.act),
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": None,
+        "attention_dropout": 0.0,
+    }
+    if cfg.head_dim is not None:
+        d["head_dim"] = cfg.head_dim
+    if cfg.rope_linear_scaling != 1.0:
+        d["rope_scaling"] = {"rope_type": "linear", "factor": cfg.rope_linear_scaling}
+    if family == "llama":
+        d.update(attention_bias=False, mlp_bias=cfg.mlp_bias)
+    else:
+        d.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.num_layers)
+    return d
+
+
+DECODER_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+def vit_config_to_hf(cfg: ViTConfig) -> dict[str, Any]:
+    """ViTConfig → a CLIPVisionConfig or SiglipVisionConfig dict, whichever computes it."""
+    d: dict[str, Any] = {
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_channels": cfg.num_channels,
+        "image_size": cfg.image_size,
+        "patch_size": cfg.patch_size,
+        "hidden_act": _activation_to_hf(cfg.act),
+        "layer_norm_eps": cfg.layer_norm_eps,
+        "attention_dropout": 0.0,
+    }
+    options = (cfg.class_token, cfg.pre_layernorm, cfg.patch_bias, cfg.post_layernorm_on)
+    if options == (True, True, False, "class_token") and not cfg.map_head:
+        return {"model_type": "clip_vision_model", **d}
+    if options == (False, False, True, "all_tokens"):
+        return {"model_type": "siglip_vision_model", **d, "vision_use_head": cfg.map_head}
+    raise ValueError(
+        "cannot export: the ViT options class_token, pre_layernorm, patch_bias, "
+        f"post_layernorm_on = {options} are neither CLIP's (True, True, False, 'class_token') "
+        "nor SigLIP's (False, False, True, 'all_tokens')"
+    )
+
+
+def text_tower_config_to_hf(cfg: CLIPTextConfig) -> dict[str, Any]:
+    """CLIPTextConfig → a CLIPTextConfig or SiglipTextConfig dict, whichever computes it."""
+    d: dict[str, Any] = {
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "hidden_act": _activation_to_hf(cfg.act),
+        "layer_norm_eps": cfg.layer_norm_eps,
+        "eos_token_id": cfg.eos_token_id,
+        "attention_dropout": 0.0,
+    }
+    if (cfg.causal, cfg.pooling, cfg.head_size) == (True, "eos", None):
+        if cfg.eos_token_id == _CLIP_LEGACY_EOS_ID:
+            raise ValueError(
+                f"cannot export: CLIP text eos_token_id {_CLIP_LEGACY_EOS_ID} is read by "
+                "transformers as the legacy rule 'pool at the highest token id'"
+            )
+        return {"model_type": "clip_text_model", **d}
+    if not cfg.causal and cfg.pooling == "last" and cfg.head_size is not None:
+        return {"model_type": "siglip_text_model", **d, "projection_size": cfg.head_size}
+    raise ValueError(
+        f"cannot export: a text tower with causal={cfg.causal}, pooling={cfg.pooling!r}, "
+        f"head_size={cfg.head_size} is neither CLIP's (causal, eos, no head) nor SigLIP's "
+        "(bidirectional, last, head)"
+    )
+
+
+def clip_config_to_hf(cfg: DualEncoderConfig) -> dict[str, Any]:
+    """DualEncoderConfig → a CLIPConfig dict (both towers must be CLIP style)."""
+    vision, text = vit_config_to_hf(cfg.vision), text_tower_config_to_hf(cfg.text)
+    if (vision["model_type"], text["model_type"]) != ("clip_vision_model", "clip_text_model"):
+        raise ValueError(
+            f"cannot export as CLIPModel: towers are {vision['model_type']} and {text['model_type']}"
+        )
+    return {
+        "architectures": ["CLIPModel"],
+        "model_type": "clip",
+        "projection_dim": cfg.projection_dim,
+        "logit_scale_init_value": cfg.logit_scale_init,
+        "vision_config": vision,
+        "text_config": text,
+    }
+
+
+def siglip_config_to_hf(cfg: SigLIPDualEncoderConfig) -> dict[str, Any]:
+    """SigLIPDualEncoderConfig → a SiglipConfig dict (both towers must be SigLIP style)."""
+    vision, text = vit_config_to_hf(cfg.vision), text_tower_config_to_hf(cfg.text)
+    if (vision["model_type"], text["model_type"]) != ("siglip_vision_model", "siglip_text_model"):
+        raise ValueError(
+            f"cannot export as SiglipModel: towers are {vision['model_type']} and {text['model_type']}"
+        )
+    return {
+        "architectures": ["SiglipModel"],
+        "model_type": "siglip",
+        "vision_config": vision,
+        "text_config": text,
+    }
+
+
+def lvlm_config_to_hf(cfg: LVLMConfig) -> dict[str, Any]:
+    """LVLMConfig → a LlavaConfig dict. Tessera's "patch" selection is LLaVA's "default" for a
+    tower with a class token and "full" (nothing to drop) for one without."""
+    vision = vit_config_to_hf(cfg.vision)
+    text = llama_config_to_hf(cfg.llm)
+    drops_class_token = cfg.vision_feature_select == "patch" and cfg.vision.class_token
+    linear = cfg.connector.kind == "linear"
+    return {
+        "architectures": ["LlavaForConditionalGeneration"],
+        "model_type": "llava",
+        "vision_config": vision,
+        "text_config": text,
+        "image_token_index": cfg.image_token_id,
+        "projector_hidden_act": "linear" if linear else _activation_to_hf(cfg.connector.act),
+        "multimodal_projector_bias": cfg.connector.bias,
+        "vision_feature_layer": cfg.vision_feature_layer,
+        "vision_feature_select_strategy": "default" if drops_class_token else "full",
+        "tie_word_embeddings": cfg.llm.tie_word_embeddings,
+    }

@@ -101,10 +101,12 @@ class LVLM(nn.Module):
         cu_seqlens: Tensor | None = None,
         attention_mask: Tensor | None = None,
         kv_cache=None,
+        keep: Tensor | None = None,
     ) -> Tensor:
-        """Final hidden states (B, L, E); `language_model.logits` turns them into scores."""
+        """Final hidden states (B, L, E); `language_model.logits` turns them into scores.
+        With `keep` (B, L) only the kept positions' states, (N, E) (see LlamaDecoder.forward)."""
         embeds, is_image = self.embed(input_ids, images)
         return self.language_model(
             inputs_embeds=embeds, position_ids=position_ids, cu_seqlens=cu_seqlens,
-            attention_mask=attention_mask, modality_mask=is_image, kv_cache=kv_cache,
+            attention_mask=attention_mask, modality_mask=is_image, kv_cache=kv_cache, keep=keep,
         )

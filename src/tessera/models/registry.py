@@ -10,14 +10,25 @@ from typing import Any
 from torch import nn
 
 from tessera.config import Config
-from tessera.models.dual_encoder import DualEncoder, DualEncoderConfig
+from tessera.models.dual_encoder import (
+    DualEncoder,
+    DualEncoderConfig,
+    SigLIPDualEncoder,
+    SigLIPDualEncoderConfig,
+)
 from tessera.models.lvlm import LVLM, LVLMConfig
+from tessera.text.clip_text import CLIPTextConfig, CLIPTextTransformer
 from tessera.text.llama import LlamaConfig, LlamaDecoder
+from tessera.vision.vit import VisionTransformer, ViTConfig
 
 MODEL_KINDS: dict[str, tuple[type[Config], type[nn.Module]]] = {
     "lvlm": (LVLMConfig, LVLM),
     "dual_encoder": (DualEncoderConfig, DualEncoder),
+    "siglip_dual_encoder": (SigLIPDualEncoderConfig, SigLIPDualEncoder),
     "llama": (LlamaConfig, LlamaDecoder),
+    # Single towers, e.g. a pretrained image encoder imported on its own.
+    "vit": (ViTConfig, VisionTransformer),
+    "text_tower": (CLIPTextConfig, CLIPTextTransformer),
 }
 
 

@@ -10,6 +10,9 @@ It is the only place that knows about SDPA and how sequences are laid out:
 - causal or bidirectional; with a KV cache the queries are the LAST Lq positions of the
   Lk keys (bottom-right aligned causal mask).
 
+`selected_query_attention` is the causal case for queries at only some positions (a
+decoder's last layer, whose output is read at a few positions only).
+
 Shape notation: B batch, Hq query heads, Hkv key/value heads (GQA: Hq % Hkv == 0),
 Lq / Lk query / key length, D head dim, T total tokens of a packed row, S samples.
 """
@@ -96,6 +99,75 @@ def _packed_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, causa
         if e > s
     ]
     return torch.cat(outs, dim=2)
+
+
+def selected_query_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    keep: Tensor,
+    *,
+    cu_seqlens: Tensor | None = None,
+    key_padding_mask: Tensor | None = None,
+) -> Tensor:
+    """Causal attention computed only for the queries at the positions `keep` marks.
+
+    A decoder's last layer needs its output only where a loss or the next token is read
+    (the supervised positions in training, each row's last token in a prefill), while its
+    keys and values still come from every position. keep: (B, L) bool over the L newest of
+    the Lk keys (with a KV cache the first Lk - L keys are the cached prefix); every kept
+    position must be a real token. q: (N, Hq, D), the queries at the N kept positions in the
+    order of `keep.nonzero()`; k, v: (B, Hkv, Lk, D). Packed rows (B == 1, cu_seqlens) and
+    key-padding masks mean what they mean in `attention`. Returns (N, Hq, D): the rows
+    `attention(..., causal=True)` gives at those positions.
+    """
+    b, length = keep.shape
+    lk = k.shape[2]
+    enable_gqa = q.shape[1] != k.shape[1]
+    if cu_seqlens is not None:
+        if b != 1 or lk != length:
+            raise ValueError("packed attention needs B == 1 and Lq == Lk (no KV cache)")
+        bounds = cu_seqlens.tolist()
+        segments = [(0, s, e) for s, e in zip(bounds[:-1], bounds[1:], strict=True) if e > s]
+    else:
+        segments = [(row, 0, lk) for row in range(b)]
+    # Kept columns of each segment, as key indices within the segment. Queries of a packed row
+    # are counted from the segment start; with a cache the new columns follow Lk - L old keys.
+    cols = [keep[row, s:e].nonzero().squeeze(1) + (lk - length if cu_seqlens is None else 0)
+            for row, s, e in segments]
+    counts = [c.numel() for c in cols]
+    if sum(counts) != q.shape[0]:
+        raise ValueError(f"keep marks {sum(counts)} positions but q holds {q.shape[0]} queries")
+    if cu_seqlens is None and len(set(counts)) == 1:
+        # The same number of queries in every row (a prefill keeping each row's last token):
+        # one batched call.
+        m = counts[0]
+        if m == 0:
+            return q.new_empty(0, q.shape[1], q.shape[2])
+        mask = torch.arange(lk, device=q.device) <= torch.stack(cols)[:, :, None]  # (B, m, Lk)
+        if key_padding_mask is not None:
+            mask = mask & key_padding_mask[:, None, :].to(torch.bool)
+        out = F.scaled_dot_product_attention(
+            q.reshape(b, m, *q.shape[1:]).transpose(1, 2), k, v, attn_mask=mask[:, None], enable_gqa=enable_gqa
+        )
+        return out.transpose(1, 2).reshape(q.shape)
+    outs = []
+    start = 0
+    for (row, s, e), col, m in zip(segments, cols, counts, strict=True):
+        if m == 0:
+            continue
+        mask = torch.arange(e - s, device=q.device) <= col[:, None]  # (m, L_segment)
+        if key_padding_mask is not None:
+            mask = mask & key_padding_mask[row, None, s:e].to(torch.bool)
+        out = F.scaled_dot_product_attention(
+            q[start : start + m].transpose(0, 1)[None], k[row : row + 1, :, s:e], v[row : row + 1, :, s:e],
+            attn_mask=mask, enable_gqa=enable_gqa,
+        )
+        outs.append(out[0].transpose(0, 1))
+        start += m
+    if not outs:
+        return q.new_empty(0, q.shape[1], q.shape[2])
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
 class KVCache:

@@ -17,11 +17,18 @@ from tessera.data.templates import IGNORE_INDEX as IGNORE
 
 
 def next_token_loss(hidden: Tensor, lm_head: nn.Module, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
-    """hidden (B, L, E), targets (B, L) → mean loss over the M supervised positions."""
+    """hidden (B, L, E), targets (B, L) → mean loss over the M supervised positions.
+
+    hidden may also be (M, E), the supervised rows alone: what a decoder called with
+    `keep=targets != -100` returns (its last layer then skips the other positions too).
+    """
     keep = targets != IGNORE
     if not bool(keep.any()):
         raise ValueError("batch has no supervised token (every target is -100)")
-    logits = lm_head(hidden[keep])  # (M, V)
+    rows = hidden if hidden.dim() == 2 else hidden[keep]
+    if rows.shape[0] != keep.sum():
+        raise ValueError(f"hidden has {rows.shape[0]} rows but targets supervise {int(keep.sum())} positions")
+    logits = lm_head(rows)  # (M, V)
     return F.cross_entropy(logits.float(), targets[keep], label_smoothing=label_smoothing)
 
 

@@ -44,14 +44,14 @@ def tiny(connector: str = "mlp", name: str = "llava-1.5-tiny") -> LLaVAPreset:
                         max_position_embeddings=512),
         connector=ProjectorConfig(kind=connector),
         clip_stage=StageConfig(name="clip", trainable=["*"], objectives={"itc": 1.0}, data="captions",
-                               steps=400, batch_size=128, lr=1e-3, warmup_steps=40, weight_decay=0.1),
+                               steps=250, batch_size=128, lr=1e-3, warmup_steps=25, weight_decay=0.1),
         lm_stage=StageConfig(name="lm", trainable=["*"], data="text", steps=300, batch_size=64, lr=2e-3,
                              warmup_steps=30, weight_decay=0.1),
         align_stage=StageConfig(name="align", trainable=["connector"], data="llava_pretrain", steps=150,
                                 batch_size=32, lr=2e-3, warmup_steps=15),
         instruct_stage=StageConfig(name="instruct", trainable=["connector", "language_model"],
-                                   data="llava_instruct", steps=1200, batch_size=32, lr=1e-3,
-                                   warmup_steps=50, weight_decay=0.0),
+                                   data="llava_instruct", group_by_image=True, steps=1000, batch_size=16,
+                                   lr=1e-3, warmup_steps=50, weight_decay=0.0),
     )
 
 

@@ -1,13 +1,19 @@
-"""CLIP-style causal text transformer, used as the text tower of contrastive pretraining.
+"""Text transformer of contrastive dual encoders: CLIP style (causal) or SigLIP style
+(bidirectional), chosen by config options of this one module.
 
-Parameter names match Hugging Face's CLIPTextModel without its "text_model." prefix:
-embeddings.{token_embedding, position_embedding}, encoder.layers.N.*, final_layer_norm.
-The pooled output is the final-normed state at each sequence's first EOS token.
+Parameter names match Hugging Face's CLIPTextModel / SiglipTextModel without their
+"text_model." prefix: embeddings.{token_embedding, position_embedding}, encoder.layers.N.*,
+final_layer_norm, and SigLIP's head.
+    CLIP    causal attention; pooled = the final-normed state at each text's first EOS token.
+    SigLIP  bidirectional attention; pooled = head(final-normed state of the LAST position),
+            whatever the padding (SigLIP texts are padded to a fixed length).
 
-Shapes: B texts, L tokens, E width.
+Shapes: B texts, L tokens, E width, P head output width.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +33,9 @@ class CLIPTextConfig(Config):
     act: Activation = "quick_gelu"
     layer_norm_eps: float = 1e-5
     eos_token_id: int = 2
+    causal: bool = True  # CLIP masks future tokens; SigLIP's text tower is bidirectional
+    pooling: Literal["eos", "last"] = "eos"  # first EOS token (CLIP) or last position (SigLIP)
+    head_size: int | None = None  # SigLIP's `head` linear on the pooled state (projection_size)
 
 
 class TextEmbeddings(nn.Module):
@@ -56,9 +65,11 @@ class CLIPTextTransformer(nn.Module):
         self.embeddings = TextEmbeddings(cfg)
         self.encoder = TextEncoderLayers(cfg)
         self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        if cfg.head_size is not None:
+            self.head = nn.Linear(cfg.hidden_size, cfg.head_size)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """input_ids (B, L), right-padded → (hidden (B, L, E), pooled (B, E))."""
+        """input_ids (B, L), right-padded → (hidden (B, L, E), pooled (B, E) or (B, P) with a head)."""
         if input_ids.shape[1] > self.cfg.max_position_embeddings:
             raise ValueError(
                 f"text of {input_ids.shape[1]} tokens exceeds max_position_embeddings "
@@ -66,10 +77,15 @@ class CLIPTextTransformer(nn.Module):
             )
         x = self.embeddings(input_ids)
         for layer in self.encoder.layers:
-            x = layer(x, causal=True, key_padding_mask=attention_mask)
+            x = layer(x, causal=self.cfg.causal, key_padding_mask=attention_mask)
         x = self.final_layer_norm(x)
-        is_eos = input_ids == self.cfg.eos_token_id
-        if not bool(is_eos.any(dim=1).all()):
-            raise ValueError("every text given to the CLIP text tower must contain the EOS token")
-        eos_pos = is_eos.int().argmax(dim=1)
-        return x, x[torch.arange(x.shape[0], device=x.device), eos_pos]
+        if self.cfg.pooling == "last":
+            pooled = x[:, -1]
+        else:
+            is_eos = input_ids == self.cfg.eos_token_id
+            if not bool(is_eos.any(dim=1).all()):
+                raise ValueError("every text given to the CLIP text tower must contain the EOS token")
+            pooled = x[torch.arange(x.shape[0], device=x.device), is_eos.int().argmax(dim=1)]
+        if self.cfg.head_size is not None:
+            pooled = self.head(pooled)
+        return x, pooled

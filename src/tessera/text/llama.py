@@ -18,7 +18,7 @@ from pydantic import model_validator
 from torch import Tensor, nn
 
 from tessera.config import Config
-from tessera.nn.attention import KVCache, attention
+from tessera.nn.attention import KVCache, attention, selected_query_attention
 from tessera.nn.layers import Activation, GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary
 
 
@@ -64,17 +64,25 @@ class DecoderAttention(nn.Module):
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, *, layer_idx: int, cu_seqlens: Tensor | None,
-        key_padding_mask: Tensor | None, kv_cache: KVCache | None,
+        key_padding_mask: Tensor | None, kv_cache: KVCache | None, keep: Tensor | None = None,
     ) -> Tensor:
+        """(B, L, E) → (B, L, E); with `keep` (B, L) only the kept positions' outputs, (N, E)."""
         b, length, _ = x.shape
-        q = self.q_proj(x).view(b, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        k = apply_rotary(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, k, v)
-        out = attention(q, k, v, causal=True, cu_seqlens=cu_seqlens, key_padding_mask=key_padding_mask)
-        return self.o_proj(out.transpose(1, 2).reshape(b, length, -1))
+        if keep is None:
+            q = apply_rotary(self.q_proj(x).view(b, length, self.num_heads, self.head_dim).transpose(1, 2), cos, sin)
+            out = attention(q, k, v, causal=True, cu_seqlens=cu_seqlens, key_padding_mask=key_padding_mask)
+            return self.o_proj(out.transpose(1, 2).reshape(b, length, -1))
+        # Queries only where the output is read; each rotated at its own position's angle.
+        q = self.q_proj(x[keep]).view(-1, self.num_heads, self.head_dim)  # (N, Hq, D)
+        angles = (b, length, cos.shape[-1])
+        q = apply_rotary(q, cos[:, 0].expand(angles)[keep][:, None], sin[:, 0].expand(angles)[keep][:, None])
+        out = selected_query_attention(q, k, v, keep, cu_seqlens=cu_seqlens, key_padding_mask=key_padding_mask)
+        return self.o_proj(out.reshape(out.shape[0], -1))
 
 
 class DecoderLayer(nn.Module):
@@ -88,12 +96,15 @@ class DecoderLayer(nn.Module):
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, *, cu_seqlens: Tensor | None,
-        key_padding_mask: Tensor | None, kv_cache: KVCache | None,
+        key_padding_mask: Tensor | None, kv_cache: KVCache | None, keep: Tensor | None = None,
     ) -> Tensor:
-        x = x + self.self_attn(
+        """(B, L, E) → (B, L, E); with `keep` (B, L) only the kept positions, (N, E): keys and
+        values still see every position, the rest of the layer runs on the N kept rows."""
+        attn = self.self_attn(
             self.input_layernorm(x), cos, sin, layer_idx=self.layer_idx, cu_seqlens=cu_seqlens,
-            key_padding_mask=key_padding_mask, kv_cache=kv_cache,
+            key_padding_mask=key_padding_mask, kv_cache=kv_cache, keep=keep,
         )
+        x = (x if keep is None else x[keep]) + attn
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -126,12 +137,18 @@ class LlamaDecoder(nn.Module):
         attention_mask: Tensor | None = None,
         modality_mask: Tensor | None = None,
         kv_cache: KVCache | None = None,
+        keep: Tensor | None = None,
     ) -> Tensor:
         """Final hidden states (B, L, E), after the last norm; `logits` maps them to (.., V).
 
         attention_mask (B, Lk) marks real tokens (True) over the cache AND the new tokens.
         modality_mask (B, L) marks image tokens; plain LLaMA layers treat every token alike,
         layers with per-modality experts route by it.
+        keep (B, L) bool, optional: the only positions whose final state the caller reads (the
+        supervised ones for a loss, each row's last token for the next one; real tokens only).
+        The last layer then runs its queries, attention output and MLP on those rows alone and
+        the result is (N, E) in the order of `keep.nonzero()`, equal to `hidden[keep]` of the
+        full computation. Every position still writes its keys and values to the cache.
         """
         del modality_mask  # no expert layers in the plain decoder
         if (input_ids is None) == (inputs_embeds is None):
@@ -142,8 +159,14 @@ class LlamaDecoder(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(past, past + length, device=x.device).expand(b, length)
         cos, sin = self.rotary(position_ids, x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin, cu_seqlens=cu_seqlens, key_padding_mask=attention_mask, kv_cache=kv_cache)
+        if keep is not None and (keep.dtype != torch.bool or keep.shape != (b, length)):
+            raise ValueError(f"keep must be a bool mask of shape {(b, length)}, got {keep.dtype} {tuple(keep.shape)}")
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cu_seqlens=cu_seqlens, key_padding_mask=attention_mask, kv_cache=kv_cache,
+                      keep=keep if i == last else None)
+        if keep is not None and last < 0:
+            x = x[keep]
         if kv_cache is not None:
             kv_cache.advance(length)
         return self.norm(x)

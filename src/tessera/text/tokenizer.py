@@ -4,6 +4,14 @@
 needs: named ids of the special tokens (padding, BOS/EOS, the image placeholder) and a
 single-file save format (`tokenizer.json`).
 
+Special-token roles. Each role (pad, unk, bos, eos, image) names a token string; by default
+Tessera's own spellings ("<pad>", "<unk>", "<s>", "</s>", "<image>"). A tokenizer taken from
+elsewhere (e.g. Qwen2's, whose EOS is "<|endoftext|>") passes its own `special_tokens`; such
+a mapping is saved beside tokenizer.json as `tokenizer_config.json` in Hugging Face's layout
+("bos_token": "...", "image_token": "..."), and `load` reads it back. Building a Tessera
+tokenizer from a Hugging Face tokenizer folder (resolving missing roles) is
+`tessera.interop.hf_tokenizer.tokenizer_from_hf`.
+
 Whitespace convention. The pre-tokenizer is ByteLevel with `add_prefix_space=False`: no
 space is invented in front of a text, so `encode(a) + encode(b)` decodes to exactly `a + b`
 and the tokens of a string never depend on what was encoded before it. The chat templates
@@ -15,8 +23,10 @@ ends with its own space token).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
@@ -45,28 +55,65 @@ SPECIAL_TOKENS: tuple[str, ...] = (
 )
 
 TOKENIZER_FILE = "tokenizer.json"
+SPECIAL_TOKENS_FILE = "tokenizer_config.json"  # Hugging Face's name for the roles' file
 
-_REQUIRED_TOKENS = (PAD_TOKEN, UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, IMAGE_TOKEN)
+# Role → token string of Tessera's own tokenizers.
+DEFAULT_SPECIAL_TOKENS: dict[str, str] = {
+    "pad": PAD_TOKEN,
+    "unk": UNK_TOKEN,
+    "bos": BOS_TOKEN,
+    "eos": EOS_TOKEN,
+    "image": IMAGE_TOKEN,
+}
 _BYTE_ALPHABET_SIZE = 256
+
+
+def special_tokens_from_config(config: Mapping[str, Any]) -> dict[str, str]:
+    """Role → token string from a Hugging Face tokenizer_config.json / special_tokens_map.json
+    dict: "<role>_token" keys, whose value is a string or an AddedToken dict with "content".
+    Roles the dict does not name are left out."""
+    roles: dict[str, str] = {}
+    for role in DEFAULT_SPECIAL_TOKENS:
+        value = config.get(f"{role}_token")
+        if isinstance(value, Mapping):
+            value = value.get("content")
+        if isinstance(value, str) and value:
+            roles[role] = value
+    return roles
 
 
 class Tokenizer:
     """Text ↔ token ids. Never adds BOS/EOS by itself; templates decide where they go."""
 
-    def __init__(self, backend: tokenizers.Tokenizer) -> None:
-        missing = [t for t in _REQUIRED_TOKENS if backend.token_to_id(t) is None]
+    def __init__(
+        self, backend: tokenizers.Tokenizer, special_tokens: Mapping[str, str] | None = None
+    ) -> None:
+        """`special_tokens` maps roles (pad, unk, bos, eos, image) to token strings; roles it
+        leaves out keep Tessera's spellings. Every role's token must be in the vocabulary."""
+        unknown = sorted(set(special_tokens or {}) - set(DEFAULT_SPECIAL_TOKENS))
+        if unknown:
+            raise ValueError(
+                f"unknown special-token roles {unknown}; roles are {list(DEFAULT_SPECIAL_TOKENS)}"
+            )
+        self._special_tokens = {**DEFAULT_SPECIAL_TOKENS, **(special_tokens or {})}
+        missing = [t for t in self._special_tokens.values() if backend.token_to_id(t) is None]
         if missing:
             raise ValueError(f"tokenizer lacks required special tokens: {missing}")
         self._backend = backend
-        self._pad_id = self.token_id(PAD_TOKEN)
-        self._unk_id = self.token_id(UNK_TOKEN)
-        self._bos_id = self.token_id(BOS_TOKEN)
-        self._eos_id = self.token_id(EOS_TOKEN)
-        self._image_id = self.token_id(IMAGE_TOKEN)
+        self._pad_id = self.token_id(self._special_tokens["pad"])
+        self._unk_id = self.token_id(self._special_tokens["unk"])
+        self._bos_id = self.token_id(self._special_tokens["bos"])
+        self._eos_id = self.token_id(self._special_tokens["eos"])
+        self._image_id = self.token_id(self._special_tokens["image"])
 
     @property
     def backend(self) -> tokenizers.Tokenizer:
         return self._backend
+
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        """Role (pad, unk, bos, eos, image) → token string."""
+        return dict(self._special_tokens)
 
     @property
     def pad_id(self) -> int:
@@ -107,21 +154,36 @@ class Tokenizer:
         return token_id
 
     def save(self, directory: str | Path) -> Path:
-        """Write `<directory>/tokenizer.json` (everything needed to load it) and return its path."""
+        """Write `<directory>/tokenizer.json` and return its path; special-token roles other
+        than Tessera's spellings go beside it into tokenizer_config.json."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / TOKENIZER_FILE
         self._backend.save(str(path))
+        if self._special_tokens != DEFAULT_SPECIAL_TOKENS:
+            roles = {f"{role}_token": token for role, token in self._special_tokens.items()}
+            (directory / SPECIAL_TOKENS_FILE).write_text(json.dumps(roles, indent=2) + "\n")
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
-        """Load from a `tokenizer.json` file or a directory that contains one."""
+        """Load from a `tokenizer.json` file or a directory that contains one, with the roles of
+        a tokenizer_config.json beside it if there is one."""
         path = Path(path)
         file = path / TOKENIZER_FILE if path.is_dir() else path
         if not file.is_file():
             raise FileNotFoundError(f"no tokenizer found: {file} does not exist")
-        return cls(tokenizers.Tokenizer.from_file(str(file)))
+        roles_file = file.parent / SPECIAL_TOKENS_FILE
+        roles: dict[str, str] = {}
+        if roles_file.is_file():
+            try:
+                roles = special_tokens_from_config(json.loads(roles_file.read_text()))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{roles_file}: not valid JSON ({err})") from None
+        try:
+            return cls(tokenizers.Tokenizer.from_file(str(file)), roles)
+        except ValueError as err:
+            raise ValueError(f"{file}: {err}") from None
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size})"

@@ -1,4 +1,5 @@
-"""Checkpoints: a folder with model.safetensors, config.json, tokenizer.json and, for
+"""Checkpoints: a folder with model.safetensors, config.json, tokenizer.json (plus its
+special-token roles, tokenizer_config.json, for tokenizers not spelled Tessera's way) and, for
 resumable training, trainer_state.pt. Written atomically: everything goes into a temporary
 sibling folder that replaces the target in one rename, so a crash never leaves a
 half-written checkpoint.
@@ -10,6 +11,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,7 @@ from torch import nn
 
 from tessera import __version__
 from tessera.models.registry import build_model, kind_of
+from tessera.text.tokenizer import SPECIAL_TOKENS_FILE, TOKENIZER_FILE
 
 FORMAT = "tessera-checkpoint"
 FORMAT_VERSION = 1
@@ -45,33 +49,15 @@ class Checkpoint:
         return self.path / "trainer_state.pt"
 
 
-def save_checkpoint(
-    path: str | Path,
-    model: nn.Module,
-    *,
-    meta: dict[str, Any] | None = None,
-    tokenizer_file: str | Path | None = None,
-    trainer_state: dict[str, Any] | None = None,
-) -> Path:
+@contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder to fill; on success it replaces `path` in one rename
+    (files fsynced first), on any error it is removed and `path` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        config = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "tessera_version": __version__,
-            "kind": kind_of(model),
-            "model": model.cfg.to_dict(),
-            "meta": meta or {},
-        }
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        # save_model handles tied weights (one tensor stored once).
-        save_model(model, str(tmp / "model.safetensors"))
-        if tokenizer_file is not None:
-            shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
-        if trainer_state is not None:
-            torch.save(trainer_state, tmp / "trainer_state.pt")
+        yield tmp
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -85,6 +71,38 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    *,
+    meta: dict[str, Any] | None = None,
+    tokenizer_file: str | Path | None = None,
+    trainer_state: dict[str, Any] | None = None,
+) -> Path:
+    """Write the checkpoint folder atomically. `tokenizer_file` is copied as tokenizer.json,
+    with the special-token roles file (tokenizer_config.json) beside it when it has one."""
+    path = Path(path)
+    with atomic_directory(path) as tmp:
+        config = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "tessera_version": __version__,
+            "kind": kind_of(model),
+            "model": model.cfg.to_dict(),
+            "meta": meta or {},
+        }
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        # save_model handles tied weights (one tensor stored once).
+        save_model(model, str(tmp / "model.safetensors"))
+        if tokenizer_file is not None:
+            shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
+            roles_file = Path(tokenizer_file).parent / SPECIAL_TOKENS_FILE
+            if roles_file.is_file():
+                shutil.copyfile(roles_file, tmp / SPECIAL_TOKENS_FILE)
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / "trainer_state.pt")
     return path
 
 

@@ -27,6 +27,7 @@ class StageConfig(Config):
     max_grad_norm: float | None = 1.0
     bf16: bool = False
     packing: bool = True
+    group_by_image: bool = False  # merge an image's single-turn conversations into multi-turn ones
     max_length: int = 512
     seed: int = 0
     log_every: int = 10

@@ -74,7 +74,7 @@ class ContrastiveTask:
         loss = clip_loss(img, txt, model.logit_scale)
         with torch.no_grad():
             acc = float(((img @ txt.t()).argmax(1) == torch.arange(len(img))).float().mean())
-        return loss, {"i2t_acc": acc, "logit_scale": float(model.logit_scale.exp())}
+        return loss, {"i2t_acc": acc, "logit_scale": float(model.logit_scale.detach().exp())}
 
     def after_step(self, model: nn.Module) -> None:
         model.clamp_logit_scale()

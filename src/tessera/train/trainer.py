@@ -170,6 +170,8 @@ class Trainer:
         bar = tqdm(total=stage.steps, initial=step, desc=f"train {stage.name}", disable=not self.progress,
                    dynamic_ncols=True, leave=True)
         start, last_loss, window = time.perf_counter(), float("nan"), []
+        # Data in which nothing is usable would otherwise draw empty batches forever.
+        max_empty_in_a_row, empty_in_a_row = 10 * sampler.per_epoch, 0
         while step < stage.steps:
             factor = lr_factor(step, stage)
             for group in optimizer.param_groups:
@@ -181,11 +183,16 @@ class Trainer:
                 batches_seen += 1
                 if batch is None:
                     self.task.skips.skip("batch with no usable example", f"batch {batches_seen - 1}")
+                    empty_in_a_row += 1
+                    if empty_in_a_row >= max_empty_in_a_row:
+                        raise ValueError(f"stage {stage.name!r}: {empty_in_a_row} batches in a row (10 epochs) had "
+                                         f"no usable example; {self.task.skips.summary()}")
                     continue
+                empty_in_a_row = 0
                 with autocast:
                     loss, logs = self.task.loss(model, batch)
                 (loss / stage.grad_accum).backward()
-                for k, v in {"loss": float(loss), **logs}.items():
+                for k, v in {"loss": float(loss.detach()), **logs}.items():
                     logs_acc[k] = logs_acc.get(k, 0.0) + v / stage.grad_accum
                 micro += 1
             if stage.max_grad_norm is not None:

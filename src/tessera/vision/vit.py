@@ -1,8 +1,16 @@
-"""CLIP-style Vision Transformer that takes a list of images of any size.
+"""Vision Transformer (CLIP and SigLIP styles) that takes a list of images of any size.
 
-Parameter names match Hugging Face's CLIPVisionModel without its "vision_model." prefix:
-embeddings.{class_embedding, patch_embedding, position_embedding}, pre_layrnorm,
-encoder.layers.N.*, post_layernorm.
+Parameter names match Hugging Face's CLIPVisionModel / SiglipVisionModel without their
+"vision_model." prefix: embeddings.{class_embedding, patch_embedding, position_embedding},
+pre_layrnorm, encoder.layers.N.*, post_layernorm, head.{probe, attention, layernorm, mlp}.
+
+The two styles are config options of this one module:
+    CLIP    class token, pre_layrnorm, patch embedding without bias; last hidden state =
+            encoder output; pooled = post_layernorm(class token).
+    SigLIP  no class token, no pre-norm, patch embedding with bias; last hidden state =
+            post_layernorm over all tokens; pooled = the attention-pooling head ("MAP": a
+            learned probe attends over the normed tokens, then layernorm + MLP residual).
+LLaVA reads intermediate layers, which are always taken before post_layernorm.
 
 Shapes:
     N   images in the call           (3, H_i, W_i) each; H_i, W_i multiples of the patch size
@@ -20,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +36,8 @@ from pydantic import field_validator, model_validator
 from torch import Tensor, nn
 
 from tessera.config import Config
-from tessera.nn.layers import Activation
+from tessera.nn.attention import attention
+from tessera.nn.layers import MLP, Activation
 from tessera.nn.transformer import EncoderLayer
 
 
@@ -42,6 +52,11 @@ class ViTConfig(Config):
     layer_norm_eps: float = 1e-5
     class_token: bool = True
     num_channels: int = 3
+    pre_layernorm: bool = True  # CLIP's pre_layrnorm after the embeddings; SigLIP has none
+    patch_bias: bool = False  # SigLIP's patch embedding has a bias
+    # Where post_layernorm applies: CLIP norms only the pooled class token, SigLIP every token.
+    post_layernorm_on: Literal["class_token", "all_tokens"] = "class_token"
+    map_head: bool = False  # SigLIP's attention-pooling head ("MAP") gives the pooled output
 
     @field_validator("image_size", "patch_size", "hidden_size", "num_layers", "num_heads", "intermediate_size")
     @classmethod
@@ -56,6 +71,8 @@ class ViTConfig(Config):
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.map_head and self.post_layernorm_on != "all_tokens":
+            raise ValueError("map_head pools the post-normed tokens: it needs post_layernorm_on='all_tokens'")
         return self
 
     @property
@@ -100,7 +117,8 @@ class VisionEmbeddings(nn.Module):
         if cfg.class_token:
             self.class_embedding = nn.Parameter(torch.randn(cfg.hidden_size) * 0.02)
         self.patch_embedding = nn.Conv2d(
-            cfg.num_channels, cfg.hidden_size, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False
+            cfg.num_channels, cfg.hidden_size, kernel_size=cfg.patch_size, stride=cfg.patch_size,
+            bias=cfg.patch_bias,
         )
         self.position_embedding = nn.Embedding(cfg.num_positions, cfg.hidden_size)
 
@@ -136,14 +154,82 @@ class ViTEncoder(nn.Module):
         )
 
 
+class PoolingAttention(nn.Module):
+    """Multi-head attention of a few queries over the tokens of each image. Parameters are laid
+    out as torch.nn.MultiheadAttention's (in_proj_weight holds q, k, v stacked), which is what
+    SigLIP checkpoints store; the computation goes through Tessera's `attention`."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
+        self.out_proj = nn.Linear(dim, dim)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+    def forward(self, queries: Tensor, tokens: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+        """queries (N, Q, E), tokens (N, S, E), key_padding_mask (N, S) True = real → (N, Q, E)."""
+        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+        n, dim = tokens.shape[0], tokens.shape[-1]
+
+        def heads(x: Tensor) -> Tensor:
+            return x.view(n, x.shape[1], self.num_heads, dim // self.num_heads).transpose(1, 2)
+
+        q = heads(F.linear(queries, w_q, b_q))
+        k, v = heads(F.linear(tokens, w_k, b_k)), heads(F.linear(tokens, w_v, b_v))
+        out = attention(q, k, v, causal=False, key_padding_mask=key_padding_mask)
+        return self.out_proj(out.transpose(1, 2).reshape(n, queries.shape[1], dim))
+
+
+class AttentionPoolingHead(nn.Module):
+    """SigLIP's multihead attention pooling (MAP): one learned probe per image attends over the
+    image's tokens; then x + mlp(layernorm(x)). Names match SiglipMultiheadAttentionPoolingHead."""
+
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        self.probe = nn.Parameter(torch.randn(1, 1, cfg.hidden_size) * 0.02)
+        self.attention = PoolingAttention(cfg.hidden_size, cfg.num_heads)
+        self.layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.act)
+
+    def forward(self, hidden: Tensor, cu_seqlens: Tensor) -> Tensor:
+        """hidden (T, E) of N images with offsets cu_seqlens (N+1,) → (N, E)."""
+        tokens, mask = _pad_segments(hidden, cu_seqlens)
+        x = self.attention(self.probe.expand(tokens.shape[0], -1, -1), tokens, mask)
+        x = x + self.mlp(self.layernorm(x))
+        return x[:, 0]
+
+
+def _pad_segments(hidden: Tensor, cu_seqlens: Tensor) -> tuple[Tensor, Tensor | None]:
+    """(T, E) packed segments → (N, S_max, E) and a (N, S_max) real-token mask (None when every
+    segment has the same length, so attention needs no mask)."""
+    bounds = cu_seqlens.tolist()
+    lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:], strict=True)]
+    if len(set(lengths)) == 1:
+        return hidden.reshape(len(lengths), lengths[0], -1), None
+    longest = max(lengths)
+    padded = hidden.new_zeros(len(lengths), longest, hidden.shape[-1])
+    mask = torch.zeros(len(lengths), longest, dtype=torch.bool, device=hidden.device)
+    for i, (start, length) in enumerate(zip(bounds[:-1], lengths, strict=True)):
+        padded[i, :length] = hidden[start : start + length]
+        mask[i, :length] = True
+    return padded, mask
+
+
 class VisionTransformer(nn.Module):
     def __init__(self, cfg: ViTConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.embeddings = VisionEmbeddings(cfg)
-        self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        # Identity holds no parameters, so a SigLIP state dict has no pre_layrnorm keys.
+        self.pre_layrnorm: nn.Module = (
+            nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.pre_layernorm else nn.Identity()
+        )
         self.encoder = ViTEncoder(cfg)
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        if cfg.map_head:
+            self.head = AttentionPoolingHead(cfg)
 
     def num_tokens(self, height: int, width: int) -> int:
         """Tokens (class token included) that an image of this size produces."""
@@ -187,6 +273,18 @@ class VisionTransformer(nn.Module):
             hidden = x[0]
         return VisionOutput(hidden=hidden, cu_seqlens=cu, grids=grids, has_class_token=self.cfg.class_token)
 
+    def last_hidden_state(self, out: VisionOutput) -> Tensor:
+        """(T, E): Hugging Face's last_hidden_state, the encoder output, post-normed in SigLIP
+        style (post_layernorm_on="all_tokens") and as it is in CLIP style."""
+        if self.cfg.post_layernorm_on == "all_tokens":
+            return self.post_layernorm(out.hidden)
+        return out.hidden
+
     def pooled(self, out: VisionOutput) -> Tensor:
-        """(N, E): the CLIP pooled output, post_layernorm of each class token."""
+        """(N, E): the pooled output, CLIP's post_layernorm of each class token or SigLIP's
+        attention pooling over each image's normed tokens."""
+        if self.cfg.map_head:
+            return self.head(self.last_hidden_state(out), out.cu_seqlens)
+        if self.cfg.post_layernorm_on == "all_tokens":
+            raise ValueError("this ViT has no pooled output: no class-token pooling and no map_head")
         return self.post_layernorm(out.class_states())

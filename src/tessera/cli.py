@@ -1,0 +1,220 @@
+"""The `tessera` command line: every capability of the library, one subcommand each.
+
+    tessera data shapes --out DIR        make the ShapesWorld dataset
+    tessera train --data DIR --out DIR   train the LLaVA pipeline (all stages or some)
+    tessera eval CHECKPOINT --data DIR   VQA accuracy per question type and split
+    tessera chat CHECKPOINT --image PATH "question"   (no question: interactive)
+    tessera quickstart --out DIR         all of the above, end to end
+    tessera import-hf SRC OUT            a local Hugging Face folder → a Tessera checkpoint
+    tessera export-hf CHECKPOINT OUT     a Tessera checkpoint → a Hugging Face folder
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Tessera: vision-language models in PyTorch.")
+data_app = typer.Typer(no_args_is_help=True, help="Make datasets.")
+app.add_typer(data_app, name="data")
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+@data_app.command("shapes")
+def data_shapes(
+    out: Annotated[Path, typer.Option(help="output folder")],
+    num_train: int = 8000, num_val: int = 500, num_test: int = 1000, num_test_comp: int = 1000,
+    image_size: Annotated[int, typer.Option(help="image height in pixels")] = 64,
+    aspect_ratio: Annotated[float, typer.Option(help="width / height")] = 1.0,
+    min_objects: int = 1, max_objects: int = 6, seed: int = 0,
+) -> None:
+    """Generate ShapesWorld: images, COCO captions, VQA v2 questions, LLaVA conversations."""
+    from pydantic import ValidationError
+
+    from tessera.data.shapes import ShapesConfig, generate_shapes
+
+    try:
+        cfg = ShapesConfig(seed=seed, image_size=image_size, aspect_ratio=aspect_ratio, num_train=num_train,
+                           num_val=num_val, num_test=num_test, num_test_comp=num_test_comp,
+                           min_objects=min_objects, max_objects=max_objects)
+    except ValidationError as err:
+        _fail(str(err))
+    meta = generate_shapes(cfg, out)
+    counts = ", ".join(f"{k}: {v['images']} images" for k, v in meta["splits"].items())
+    typer.echo(f"ShapesWorld written to {out} ({counts})")
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option(help="ShapesWorld folder")],
+    out: Annotated[Path, typer.Option(help="run folder (checkpoints per stage)")],
+    preset: str = "llava-1.5-tiny",
+    stage: Annotated[list[str] | None, typer.Option(help="stages to run (repeat); default all: clip lm align instruct")] = None,
+    resume: Annotated[Path | None, typer.Option(help="step checkpoint of the (single) stage to resume")] = None,
+    step_scale: float = 1.0, seed: int = 0,
+) -> None:
+    """Train the LLaVA pipeline: CLIP-style ViT, LM, then LLaVA stages 1 (align) and 2 (instruct)."""
+    from tessera.pipeline import STAGES, train_llava
+    from tessera.presets.llava import get_preset
+
+    stages = stage or list(STAGES)
+    resume_map = None
+    if resume is not None:
+        if len(stages) != 1:
+            _fail("--resume needs exactly one --stage")
+        resume_map = {stages[0]: resume}
+    try:
+        result = train_llava(get_preset(preset), data, out, stages=stages, step_scale=step_scale, seed=seed,
+                             resume=resume_map)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    for r in result.stages:
+        typer.echo(f"{r.stage}: {r.steps} steps, {r.seconds:.0f}s, final loss {r.final_loss:.4f}; {r.trainable}")
+    typer.echo(result.skips.summary())
+    if result.checkpoint:
+        typer.echo(f"checkpoint: {result.checkpoint}")
+
+
+@app.command("eval")
+def evaluate(
+    checkpoint: Path,
+    data: Annotated[Path, typer.Option(help="ShapesWorld folder")],
+    split: Annotated[list[str] | None, typer.Option(help="splits (repeat); default test and test_comp")] = None,
+    out: Annotated[Path | None, typer.Option(help="write the scores as JSON here")] = None,
+    limit: Annotated[int | None, typer.Option(help="at most this many questions per split")] = None,
+) -> None:
+    """VQA accuracy (official normalisation) per question type, in-distribution and compositional."""
+    from tessera.eval.report import vqa_results_table, write_json_atomic
+    from tessera.models.lvlm import LVLM
+    from tessera.pipeline import SPLIT_LABELS, evaluate_shapes_vqa
+    from tessera.text.tokenizer import Tokenizer
+    from tessera.train.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        ckpt = load_checkpoint(checkpoint)
+        if not isinstance(ckpt.model, LVLM):
+            raise CheckpointError(f"{checkpoint} holds a {ckpt.kind} model; VQA needs an LVLM checkpoint")
+        tokenizer = Tokenizer.load(ckpt.tokenizer_path)
+        scores, seconds = evaluate_shapes_vqa(ckpt.model, tokenizer, ckpt.meta.get("template", "vicuna"), data,
+                                              splits=split or list(SPLIT_LABELS), limit=limit,
+                                              meta=ckpt.meta)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    typer.echo(vqa_results_table(scores))
+    if out is not None:
+        write_json_atomic(out, {"checkpoint": str(checkpoint), "seconds": seconds,
+                                "vqa": {k: v.to_dict() for k, v in scores.items()}})
+        typer.echo(f"written {out}")
+
+
+@app.command()
+def chat(
+    checkpoint: Path,
+    question: Annotated[str | None, typer.Argument(help="omit for an interactive session")] = None,
+    image: Annotated[Path | None, typer.Option(help="image file")] = None,
+    max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+) -> None:
+    """Ask a trained LVLM about an image."""
+    from tessera.data.images import ImageError
+    from tessera.data.records import Turn
+    from tessera.infer.chat import ChatSession
+    from tessera.infer.generate import GenerationConfig
+
+    try:
+        session = ChatSession.from_checkpoint(
+            checkpoint, GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                         seed=seed))
+    except (ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    images = [image] if image is not None else []
+    prefix = "<image>\n" if image is not None else ""
+
+    def reply(turns: list[Turn]) -> str:
+        try:
+            return session.ask(turns, images)
+        except ImageError as err:
+            _fail(str(err))
+        return ""
+
+    if question is not None:
+        typer.echo(reply([Turn("user", prefix + question)]))
+        return
+    typer.echo("interactive chat; an empty line or Ctrl-D ends it")
+    turns: list[Turn] = []
+    for line in sys.stdin if not sys.stdin.isatty() else iter(lambda: input("you> "), ""):
+        line = line.strip()
+        if not line:
+            break
+        turns.append(Turn("user", (prefix if not turns else "") + line))
+        answer = reply(turns)
+        turns.append(Turn("assistant", answer))
+        typer.echo(f"tessera> {answer}")
+
+
+@app.command()
+def quickstart(
+    out: Path = Path("runs/quickstart"), preset: str = "llava-1.5-tiny", num_train: int = 8000, seed: int = 0,
+    step_scale: Annotated[float, typer.Option(help="shorten every stage (smoke runs)")] = 1.0,
+    eval_limit: Annotated[int | None, typer.Option(help="questions per split")] = None,
+) -> None:
+    """Make data, train the tiny LLaVA-1.5 end to end, evaluate, chat: OUT/results.json."""
+    from tessera.quickstart import run_quickstart
+
+    try:
+        run_quickstart(out, preset, num_train=num_train, seed=seed, step_scale=step_scale, eval_limit=eval_limit)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+
+
+@app.command("import-hf")
+def import_hf_command(
+    src: Annotated[Path, typer.Argument(help="local Hugging Face folder (config.json, safetensors, tokenizer)")],
+    out: Annotated[Path, typer.Argument(help="Tessera checkpoint folder to write")],
+    template: Annotated[str | None, typer.Option(help="chat template (default: detected, else by family)")] = None,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
+) -> None:
+    """Import CLIP / SigLIP (towers or whole), LLaMA / Mistral / Qwen2 or LLaVA weights."""
+    import torch
+
+    from tessera.interop import import_hf
+
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        _fail(f"--dtype must be one of {sorted(dtypes)}, got {dtype!r}")
+    try:
+        imported = import_hf(src, out, template=template, dtype=dtypes[dtype])
+    except (ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    for note in imported.notes:
+        typer.echo(f"note: {note}")
+    typer.echo(f"imported {imported.architecture} as a Tessera {imported.kind} checkpoint: {out}")
+
+
+@app.command("export-hf")
+def export_hf_command(
+    checkpoint: Annotated[Path, typer.Argument(help="Tessera checkpoint folder")],
+    out: Annotated[Path, typer.Argument(help="Hugging Face folder to write")],
+) -> None:
+    """Write a checkpoint as a transformers folder (LLaVA, CLIP, SigLIP, LLaMA / Qwen2, towers)."""
+    from tessera.interop import export_hf
+
+    try:
+        export_hf(checkpoint, out)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    typer.echo(f"exported {checkpoint} to {out} (load it with transformers' from_pretrained)")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""The trainer: freezing, optimizer groups, schedule, checkpoints, exact resume."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from tessera.config import ConfigError
+from tessera.data.collate import Sample
+from tessera.models.lvlm import LVLM, LVLMConfig
+from tessera.text.llama import LlamaConfig, LlamaDecoder
+from tessera.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from tessera.train.freeze import set_trainable
+from tessera.train.stage import StageConfig
+from tessera.train.tasks import ConversationTask, LanguageModelTask
+from tessera.train.trainer import EpochSampler, Trainer, build_optimizer, lr_factor
+from tessera.vision.vit import ViTConfig
+
+TINY_LLM = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                       num_kv_heads=2)
+TINY_VIT = ViTConfig(image_size=16, patch_size=8, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
+
+
+class CharTokenizer:
+    """Enough of the Tokenizer interface for LanguageModelTask: one id per character."""
+
+    pad_id, bos_id, eos_id = 0, 1, 2
+
+    def encode(self, text: str) -> list[int]:
+        return [3 + (ord(c) % 60) for c in text]
+
+
+class FakeConversations:
+    """A dataset of fixed samples with one 16×16 image each, for ConversationTask."""
+
+    def __init__(self, model: LVLM, n: int = 24) -> None:
+        from tessera.data.records import SkipStats
+
+        g = torch.Generator().manual_seed(1)
+        n_img = model.num_image_tokens(16, 16)
+        self.samples = []
+        for _ in range(n):
+            text = torch.randint(10, 64, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g).tolist()
+            ids = [1] + [5] * n_img + text
+            labels = [-100] * (1 + n_img) + text
+            self.samples.append(Sample(ids, labels, [torch.randint(0, 255, (3, 16, 16), generator=g, dtype=torch.uint8)]))
+        self.skips = SkipStats()
+        self.tokenizer = CharTokenizer()
+
+        class _Images:
+            @staticmethod
+            def normalize(px: torch.Tensor) -> torch.Tensor:
+                return px.float() / 255
+
+        self.images = _Images()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> Sample:
+        return self.samples[i]
+
+
+def tiny_lvlm() -> LVLM:
+    return LVLM(LVLMConfig(vision=TINY_VIT, llm=TINY_LLM, image_token_id=5))
+
+
+def stage(**kw) -> StageConfig:
+    base = dict(name="s", trainable=["*"], steps=6, batch_size=4, lr=1e-2, warmup_steps=2, log_every=1)
+    return StageConfig(**{**base, **kw})
+
+
+def test_frozen_modules_keep_weights_get_no_grad_and_stay_in_eval(tmp_path: Path) -> None:
+    model = tiny_lvlm()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    task = ConversationTask(FakeConversations(model), packing=True)
+    result = Trainer(model, stage(trainable=["connector"]), task, progress=False).fit()
+    assert result.trainable.frozen_modules == ("language_model", "vision_tower")
+    assert result.trainable.trainable == sum(p.numel() for p in model.connector.parameters())
+    for name, value in model.state_dict().items():
+        changed = not torch.equal(value, before[name])
+        assert changed == name.startswith("connector"), name
+    assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("connector"))
+    set_trainable(model, ["connector"])
+    assert model.connector.training and not model.vision_tower.training and not model.language_model.training
+
+
+def test_unknown_trainable_prefix_is_an_error() -> None:
+    with pytest.raises(ValueError, match="match no parameter"):
+        set_trainable(tiny_lvlm(), ["projector"])
+
+
+def test_optimizer_groups_decay_and_lr_scale() -> None:
+    model = tiny_lvlm()
+    set_trainable(model, ["*"])
+    opt = build_optimizer(model, stage(weight_decay=0.1, lr_scale={"language_model": 0.1}))
+    by_param = {id(p): g for g in opt.param_groups for p in g["params"]}
+    emb = model.language_model.embed_tokens.weight
+    norm = model.language_model.norm.weight
+    q = model.language_model.layers[0].self_attn.q_proj.weight
+    fc = model.connector.linear_1.weight
+    assert by_param[id(emb)]["weight_decay"] == 0.0 and by_param[id(norm)]["weight_decay"] == 0.0
+    assert by_param[id(q)]["weight_decay"] == 0.1
+    assert math.isclose(by_param[id(q)]["base_lr"], 1e-3) and math.isclose(by_param[id(fc)]["base_lr"], 1e-2)
+
+
+def test_schedule_warms_up_then_decays_to_min_ratio() -> None:
+    s = stage(steps=10, warmup_steps=2, min_lr_ratio=0.1)
+    factors = [lr_factor(i, s) for i in range(10)]
+    assert factors[0] == 0.5 and factors[1] == 1.0
+    assert all(a >= b for a, b in zip(factors[1:], factors[2:], strict=False))
+    assert math.isclose(lr_factor(10, s), 0.1)
+
+
+def test_sampler_is_a_function_of_seed_and_batch_index() -> None:
+    a, b = EpochSampler(10, 3, seed=4), EpochSampler(10, 3, seed=4)
+    seq = [a.batch(k) for k in range(7)]
+    assert seq == [b.batch(k) for k in range(7)]
+    assert sorted(sum(seq[:3], [])) == sorted(set(sum(seq[:3], [])))  # no repeats within an epoch
+    assert a.batch(5) == EpochSampler(10, 3, seed=4).batch(5)  # random access (resume)
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_resume_continues_bit_identically(tmp_path: Path, packing: bool) -> None:
+    def fresh() -> LVLM:
+        torch.manual_seed(0)
+        return tiny_lvlm()
+
+    cfg = stage(steps=6, trainable=["connector", "language_model"], packing=packing)
+    straight = fresh()
+    Trainer(straight, cfg, ConversationTask(FakeConversations(straight), packing=packing), progress=False).fit()
+
+    interrupted = fresh()
+    Trainer(interrupted, cfg, ConversationTask(FakeConversations(interrupted), packing=packing),
+            out_dir=tmp_path, progress=False, stop_after=3).fit()
+    assert (tmp_path / "step-000003" / "trainer_state.pt").is_file()
+    torch.manual_seed(123)  # resume must not depend on the caller's RNG state
+    resumed = fresh()
+    Trainer(resumed, cfg, ConversationTask(FakeConversations(resumed), packing=packing), progress=False).fit(
+        resume_from=tmp_path / "step-000003")
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_language_model_task_learns() -> None:
+    model = LlamaDecoder(TINY_LLM)
+    texts = ["a red circle.", "a blue square.", "two green stars."] * 8
+    task = LanguageModelTask(texts, CharTokenizer(), max_length=32)
+    result = Trainer(model, stage(steps=40, batch_size=6, lr=1e-2, log_every=5), task, progress=False).fit()
+    assert result.history[-1]["loss"] < 0.5 * result.history[0]["loss"]
+
+
+def test_checkpoint_round_trip_and_atomic_overwrite(tmp_path: Path) -> None:
+    model = tiny_lvlm()
+    path = save_checkpoint(tmp_path / "ck", model, meta={"template": "vicuna"})
+    save_checkpoint(path, model, meta={"template": "chatml"})  # replaces in one rename
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+    loaded = load_checkpoint(path)
+    assert loaded.kind == "lvlm" and loaded.meta["template"] == "chatml"
+    for (k, a), b in zip(model.state_dict().items(), loaded.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_tied_embeddings_survive_a_round_trip(tmp_path: Path) -> None:
+    model = LlamaDecoder(TINY_LLM.model_copy(update={"tie_word_embeddings": True}))
+    loaded = load_checkpoint(save_checkpoint(tmp_path / "ck", model)).model
+    assert loaded.lm_head.weight is loaded.embed_tokens.weight
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+
+def test_missing_and_foreign_checkpoints_get_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "nope")
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(CheckpointError, match="import-hf"):
+        load_checkpoint(hf)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_checkpoint(empty)
+
+
+def test_bad_config_value_names_the_field() -> None:
+    with pytest.raises(ConfigError, match="field 'batch_size'"):
+        StageConfig.parse({"name": "x", "trainable": ["*"], "steps": 1, "batch_size": 0, "lr": 1e-3})
+    with pytest.raises(ConfigError, match="field 'bogus'"):
+        StageConfig.parse({"name": "x", "trainable": ["*"], "steps": 1, "batch_size": 1, "lr": 1e-3, "bogus": 1})
+    with pytest.raises(ConfigError, match="act"):
+        LlamaConfig.parse({"act": "swish2"})
