@@ -33,6 +33,7 @@ from tessera.interop.hf_keys import (
     vit_config_from_hf_clip_vision,
 )
 from tessera.models.lvlm import LVLM, LVLMConfig
+from tessera.objectives.lm import next_token_loss
 from tessera.text.clip_text import CLIPTextTransformer
 from tessera.text.llama import LlamaConfig, LlamaDecoder
 from tessera.vision.vit import VisionTransformer, ViTConfig
@@ -568,3 +569,79 @@ def test_packed_attention_equals_padded_batch() -> None:
         packed = model(packed_ids, position_ids=packed_positions, cu_seqlens=cu_seqlens)
         padded = model(padded_ids, attention_mask=mask)
     assert_close("llama packed vs padded hidden", packed[0], padded[mask], SELF_TOLERANCE)
+
+
+def test_last_layer_keep_equals_full_computation() -> None:
+    """`keep` runs the last layer's queries and MLP only at the kept positions; the states
+    there, their gradients and the cached keys must equal the full computation's."""
+    torch.manual_seed(14)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2
+    )
+    model = LlamaDecoder(cfg).eval()
+    randomize_(model, seed=15)
+    gen = torch.Generator().manual_seed(16)
+    lengths = [5, 9, 3, 7]
+    sequences = [torch.randint(0, VOCAB, (n,), generator=gen) for n in lengths]
+
+    # Packed row, kept positions scattered over the samples; gradients too.
+    ids = torch.cat(sequences)[None]
+    cu_seqlens = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    keep = torch.rand(ids.shape, generator=gen) < 0.4
+    named = [(n, p) for n, p in model.named_parameters() if not n.startswith("lm_head")]
+    params = [p for _, p in named]
+    full = model(ids, position_ids=positions, cu_seqlens=cu_seqlens)[keep]
+    kept = model(ids, position_ids=positions, cu_seqlens=cu_seqlens, keep=keep)
+    assert_close("keep packed", kept, full, SELF_TOLERANCE)
+    grads_full = torch.autograd.grad(full.square().sum(), params)
+    grads_kept = torch.autograd.grad(kept.square().sum(), params)
+    for (name, _), a, b in zip(named, grads_kept, grads_full, strict=True):
+        assert_close(f"keep packed grad {name}", a, b, 1e-4)
+    # next_token_loss takes the kept rows as they come.
+    targets = torch.where(keep, ids, -100)
+    with torch.no_grad():
+        all_rows = model(ids, position_ids=positions, cu_seqlens=cu_seqlens)
+        loss_full = next_token_loss(all_rows, model.lm_head, targets)
+        loss_kept = next_token_loss(kept, model.lm_head, targets)
+    assert_close("keep loss", loss_kept[None], loss_full[None], SELF_TOLERANCE)
+
+    # Right-padded rows with a mask, different counts per row; dense rows.
+    width = max(lengths)
+    padded = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(padded, dtype=torch.bool)
+    for row, seq in enumerate(sequences):
+        padded[row, : len(seq)] = seq
+        mask[row, : len(seq)] = True
+    keep = (torch.rand(mask.shape, generator=gen) < 0.5) & mask
+    with torch.no_grad():
+        assert_close("keep padded", model(padded, attention_mask=mask, keep=keep),
+                     model(padded, attention_mask=mask)[keep], SELF_TOLERANCE)
+        dense = padded[:, :3]
+        keep = torch.rand(dense.shape, generator=gen) < 0.5
+        assert_close("keep dense", model(dense, keep=keep), model(dense)[keep], SELF_TOLERANCE)
+
+        # Left-padded prefill into a cache keeping each row's last token, then a chunk of two
+        # new tokens per row on top of the cache.
+        left = torch.zeros_like(padded)
+        left_mask = torch.zeros_like(mask)
+        for row, seq in enumerate(sequences):
+            left[row, width - len(seq) :] = seq
+            left_mask[row, width - len(seq) :] = True
+        left_positions = (left_mask.long().cumsum(-1) - 1).clamp(min=0)
+        last = torch.zeros_like(left_mask)
+        last[:, -1] = True
+        cache_full, cache_kept = model.new_cache(4, width + 2), model.new_cache(4, width + 2)
+        reference = model(left, position_ids=left_positions, attention_mask=left_mask, kv_cache=cache_full)
+        kept = model(left, position_ids=left_positions, attention_mask=left_mask, kv_cache=cache_kept, keep=last)
+        assert_close("keep prefill", kept, reference[:, -1], SELF_TOLERANCE)
+        for layer in range(cfg.num_layers):
+            assert_close(f"keep prefill cache {layer}", cache_kept.keys[layer][:, :, :width],
+                         cache_full.keys[layer][:, :, :width], SELF_TOLERANCE)
+        chunk = torch.randint(0, VOCAB, (4, 2), generator=gen)
+        chunk_mask = torch.cat([left_mask, torch.ones(4, 2, dtype=torch.bool)], dim=1)
+        chunk_positions = left_positions[:, -1:] + torch.arange(1, 3)
+        keep = torch.tensor([[True, False], [False, True], [True, True], [False, True]])
+        reference = model(chunk, position_ids=chunk_positions, attention_mask=chunk_mask, kv_cache=cache_full)
+        kept = model(chunk, position_ids=chunk_positions, attention_mask=chunk_mask, kv_cache=cache_kept, keep=keep)
+        assert_close("keep on a cache", kept, reference[keep], SELF_TOLERANCE)

@@ -27,7 +27,7 @@ from tessera.text.tokenizer import Tokenizer, train_bpe
 from tessera.train.checkpoint import load_checkpoint
 from tessera.train.stage import StageConfig
 from tessera.train.tasks import ContrastiveTask, ConversationTask, LanguageModelTask
-from tessera.train.trainer import StageResult, Trainer
+from tessera.train.trainer import StageResult, Trainer, seed_everything
 
 STAGES = ("clip", "lm", "align", "instruct")
 SPLIT_LABELS = {"test": "in-distribution", "test_comp": "compositional"}
@@ -50,9 +50,11 @@ def build_lvlm(preset: LLaVAPreset, tokenizer: Tokenizer) -> LVLM:
 
 
 def scaled(stage: StageConfig, scale: float, seed: int) -> StageConfig:
-    """The stage shortened by `scale` (tests and smoke runs), with the run's seed."""
+    """The stage shortened by `scale` (tests and smoke runs), with the run's seed. The warm-up
+    shrinks with it, so a short run keeps the schedule's shape instead of warming up throughout."""
     steps = max(2, int(stage.steps * scale))
-    return stage.model_copy(update={"steps": steps, "warmup_steps": min(stage.warmup_steps, steps - 1), "seed": seed})
+    warmup = min(int(stage.warmup_steps * scale), steps - 1)
+    return stage.model_copy(update={"steps": steps, "warmup_steps": warmup, "seed": seed})
 
 
 @dataclass
@@ -76,6 +78,7 @@ def train_llava(
     if unknown:
         raise ValueError(f"unknown stages {sorted(unknown)}; allowed: {list(STAGES)}")
     resume = resume or {}
+    seed_everything(seed)  # model initialisation depends on the run's seed, not the caller's RNG
     skips = SkipStats()
     tok_file = out / "tokenizer" / "tokenizer.json"
     if "clip" in stages or not tok_file.is_file():

@@ -538,12 +538,11 @@ def _chat(
     return turns
 
 
-def _make_sample(config: ShapesConfig, geometry: _Geometry, split: str, index: int) -> _Sample:
-    # A string seed is hashed with SHA-512 by `random`, so it is stable across processes and
-    # Python runs, unlike hash().
-    rng = random.Random(f"shapesworld/{config.seed}/{split}/{index}")
-    is_comp = split == "test_comp"
-    objects = _sample_objects(rng, config, geometry, is_comp)
+def _scene(
+    objects: tuple[ShapeObject, ...], config: ShapesConfig, geometry: _Geometry, is_comp: bool
+) -> _Scene:
+    """What text about these objects may mention: held-out objects to prefer in test_comp, and
+    absent combos that are safe to name (never a held-out combo outside test_comp)."""
     held_out = set(config.held_out_combos)
     present = {o.combo for o in objects}
     if is_comp:
@@ -553,7 +552,16 @@ def _make_sample(config: ShapesConfig, geometry: _Geometry, split: str, index: i
     else:
         focus = ()
         absent = [c for c in _all_combos() if c not in present and c not in held_out]
-    scene = _Scene(objects, focus, tuple(absent), geometry)
+    return _Scene(objects, focus, tuple(absent), geometry)
+
+
+def _make_sample(config: ShapesConfig, geometry: _Geometry, split: str, index: int) -> _Sample:
+    # A string seed is hashed with SHA-512 by `random`, so it is stable across processes and
+    # Python runs, unlike hash().
+    rng = random.Random(f"shapesworld/{config.seed}/{split}/{index}")
+    is_comp = split == "test_comp"
+    objects = _sample_objects(rng, config, geometry, is_comp)
+    scene = _scene(objects, config, geometry, is_comp)
     captions = _captions(rng, objects, geometry)
     questions = _questions(rng, scene)
     chat = _chat(rng, questions, captions)

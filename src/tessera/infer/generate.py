@@ -91,12 +91,17 @@ def generate(
     generator = None
     if config.seed is not None:
         generator = torch.Generator(device=device).manual_seed(config.seed)
-    stop = torch.tensor(sorted(set(stop_ids)), device=device)
-    finished = torch.zeros(b, dtype=torch.bool, device=device)
+    stop = {int(t) for t in stop_ids}
+    finished = [False] * b
     out: list[list[int]] = [[] for _ in range(b)]
 
     embeds = _embed(model, ids, images)
-    cache = decoder.new_cache(b, longest + config.max_new_tokens, embeds.dtype) if use_cache else None
+    total = longest + config.max_new_tokens
+    cache = decoder.new_cache(b, total, embeds.dtype) if use_cache else None
+    # Real-token mask over the prompt and every position to come (new tokens are all real):
+    # each step reads a prefix view instead of concatenating a new mask.
+    full_mask = torch.ones(b, total, dtype=torch.bool, device=device)
+    full_mask[:, :longest] = mask
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
     # The prefill's last layer runs only for the last column, the one position read next
     # (the uncached path stays the full computation the tests compare against).
@@ -105,24 +110,31 @@ def generate(
     hidden = decoder(inputs_embeds=embeds, position_ids=positions, attention_mask=mask, kv_cache=cache,
                      keep=last if cache is not None else None)
     hidden = hidden if hidden.dim() == 2 else hidden[:, -1]  # (B, E)
+    next_pos = positions[:, -1:]
+    length = longest
     for _ in range(config.max_new_tokens):
         token = sample_next(decoder.logits(hidden), config, generator)
-        token = torch.where(finished, torch.full_like(token, pad_id), token)
-        finished_now = torch.isin(token, stop)
-        for i in range(b):
-            if not finished[i] and not finished_now[i]:
-                out[i].append(int(token[i]))
-        finished |= finished_now
-        if bool(finished.all()):
+        # One transfer to Python per step; the bookkeeping below is plain Python.
+        for i, t in enumerate(token.tolist()):
+            if not finished[i]:
+                if t in stop:
+                    finished[i] = True
+                else:
+                    out[i].append(t)
+        if all(finished):
             break
-        mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
-        next_pos = positions[:, -1:] + 1
-        positions = torch.cat([positions, next_pos], dim=1)
+        if any(finished):
+            # Finished rows keep running (their rows of the batch are independent) on padding.
+            token = token.masked_fill(torch.tensor(finished, device=device), pad_id)
+        next_pos = next_pos + 1
+        length += 1
         new_embed = decoder.embed_tokens(token[:, None])
         if cache is not None:
-            hidden = decoder(inputs_embeds=new_embed, position_ids=next_pos, attention_mask=mask, kv_cache=cache)
+            hidden = decoder(inputs_embeds=new_embed, position_ids=next_pos, attention_mask=full_mask[:, :length],
+                             kv_cache=cache)
         else:
+            positions = torch.cat([positions, next_pos], dim=1)
             embeds = torch.cat([embeds, new_embed], dim=1)
-            hidden = decoder(inputs_embeds=embeds, position_ids=positions, attention_mask=mask)
+            hidden = decoder(inputs_embeds=embeds, position_ids=positions, attention_mask=full_mask[:, :length])
         hidden = hidden[:, -1]
     return out

@@ -85,18 +85,25 @@ def _combine_masks(
     return mask
 
 
-def _packed_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, causal: bool, dropout_p: float) -> Tensor:
-    # On CPU, one SDPA call per segment does exactly the useful work (no T×T mask).
-    enable_gqa = q.shape[1] != k.shape[1]
+def _segment_lengths(cu_seqlens: Tensor, total: int) -> list[int]:
     bounds = cu_seqlens.tolist()
-    if len(bounds) == 2:
+    if bounds[0] != 0 or bounds[-1] != total:
+        raise ValueError(f"cu_seqlens {bounds} must run from 0 to the row length {total}")
+    return [e - s for s, e in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def _packed_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, causal: bool, dropout_p: float) -> Tensor:
+    # On CPU, one SDPA call per segment does exactly the useful work (no T×T mask). The
+    # segments are taken with split, not slicing: the backward of split concatenates the
+    # segments' gradients once, where each slice's backward would zero-fill a full-row tensor.
+    enable_gqa = q.shape[1] != k.shape[1]
+    lengths = _segment_lengths(cu_seqlens, q.shape[2])
+    if len(lengths) == 1:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p, enable_gqa=enable_gqa)
     outs = [
-        F.scaled_dot_product_attention(
-            q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=causal, dropout_p=dropout_p, enable_gqa=enable_gqa
-        )
-        for s, e in zip(bounds[:-1], bounds[1:], strict=True)
-        if e > s
+        F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, dropout_p=dropout_p, enable_gqa=enable_gqa)
+        for qs, ks, vs, n in zip(q.split(lengths, 2), k.split(lengths, 2), v.split(lengths, 2), lengths, strict=True)
+        if n
     ]
     return torch.cat(outs, dim=2)
 
@@ -127,14 +134,16 @@ def selected_query_attention(
     if cu_seqlens is not None:
         if b != 1 or lk != length:
             raise ValueError("packed attention needs B == 1 and Lq == Lk (no KV cache)")
-        bounds = cu_seqlens.tolist()
-        segments = [(0, s, e) for s, e in zip(bounds[:-1], bounds[1:], strict=True) if e > s]
+        # Segments of the packed row; with split (see _packed_attention) rather than slices.
+        lengths = _segment_lengths(cu_seqlens, length)
+        keeps = keep[0].split(lengths)
+        ks, vs = k.split(lengths, 2), v.split(lengths, 2)
+        offset = 0
     else:
-        segments = [(row, 0, lk) for row in range(b)]
-    # Kept columns of each segment, as key indices within the segment. Queries of a packed row
-    # are counted from the segment start; with a cache the new columns follow Lk - L old keys.
-    cols = [keep[row, s:e].nonzero().squeeze(1) + (lk - length if cu_seqlens is None else 0)
-            for row, s, e in segments]
+        keeps, ks, vs = keep.unbind(0), k.split(1), v.split(1)
+        # With a cache, the L new columns follow Lk - L cached keys.
+        offset = lk - length
+    cols = [row.nonzero().squeeze(1) + offset for row in keeps]  # kept key index per segment
     counts = [c.numel() for c in cols]
     if sum(counts) != q.shape[0]:
         raise ValueError(f"keep marks {sum(counts)} positions but q holds {q.shape[0]} queries")
@@ -151,20 +160,17 @@ def selected_query_attention(
             q.reshape(b, m, *q.shape[1:]).transpose(1, 2), k, v, attn_mask=mask[:, None], enable_gqa=enable_gqa
         )
         return out.transpose(1, 2).reshape(q.shape)
+    pads = key_padding_mask.to(torch.bool).unbind(0) if key_padding_mask is not None else [None] * len(cols)
     outs = []
-    start = 0
-    for (row, s, e), col, m in zip(segments, cols, counts, strict=True):
-        if m == 0:
+    for qs, k_seg, v_seg, col, pad in zip(q.split(counts), ks, vs, cols, pads, strict=True):
+        if not col.numel():
             continue
-        mask = torch.arange(e - s, device=q.device) <= col[:, None]  # (m, L_segment)
-        if key_padding_mask is not None:
-            mask = mask & key_padding_mask[row, None, s:e].to(torch.bool)
-        out = F.scaled_dot_product_attention(
-            q[start : start + m].transpose(0, 1)[None], k[row : row + 1, :, s:e], v[row : row + 1, :, s:e],
-            attn_mask=mask, enable_gqa=enable_gqa,
-        )
+        mask = torch.arange(k_seg.shape[2], device=q.device) <= col[:, None]  # (m, keys of the segment)
+        if pad is not None:
+            mask = mask & pad
+        out = F.scaled_dot_product_attention(qs.transpose(0, 1)[None], k_seg, v_seg, attn_mask=mask,
+                                             enable_gqa=enable_gqa)
         outs.append(out[0].transpose(0, 1))
-        start += m
     if not outs:
         return q.new_empty(0, q.shape[1], q.shape[2])
     return torch.cat(outs) if len(outs) > 1 else outs[0]

@@ -6,7 +6,6 @@ one-to-one (fc1/fc2 for CLIP MLPs, gate_proj/up_proj/down_proj for LLaMA MLPs).
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
@@ -98,15 +97,3 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
 
-
-def trunc_normal_init(module: nn.Module, std: float = 0.02) -> None:
-    """GPT/BERT-style init used by the tiny presets: normal(0, std) weights, zero biases."""
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
-        elif isinstance(m, nn.Conv2d):
-            nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5))

@@ -1,18 +1,100 @@
-"""Image-text contrastive loss (ITC) of CLIP: symmetric cross-entropy over the similarity
-matrix, positives on the diagonal.
+"""Image-text contrastive losses of the dual encoders, on one process or across many.
 
-Shapes: N pairs, P embedding width.
+- clip_loss (CLIP's ITC): symmetric cross-entropy over the similarity matrix, positives on the
+  diagonal.
+- siglip_loss (SigLIP): pairwise sigmoid loss, label +1 on the diagonal and -1 elsewhere,
+  summed over all pairs and divided by the number of images.
+
+Both take the LOG of the scale (t' with t = exp t'), as the models store it. With
+`distributed=True` under an initialised torch.distributed process group, each rank passes its
+LOCAL embeddings and the loss covers the GLOBAL batch: the other ranks' embeddings arrive
+through `gather_with_grad`, this rank's positives sit at columns offset by the sizes of the
+ranks before it (batch · rank when all local batches are equal), and each rank returns its
+share such that the MEAN over ranks equals the single-process loss over the global batch.
+Averaging gradients over ranks (DDP) then gives the single-process gradients exactly.
+Local batches may differ in size across ranks.
+
+Shapes: n local pairs, N global pairs (n = N on one process), P embedding width.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from tessera.objectives.distributed import gather_sizes, gather_with_grad, world_size_and_rank
 
-def clip_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor) -> Tensor:
-    """image_emb, text_emb (N, P) unit-norm; logit_scale is the LOG of the scale."""
-    logits = logit_scale.exp() * image_emb @ text_emb.t()  # (N, N)
-    labels = torch.arange(logits.shape[0], device=logits.device)
-    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+
+def _check_pairs(image_emb: Tensor, text_emb: Tensor) -> None:
+    if image_emb.ndim != 2 or image_emb.shape != text_emb.shape:
+        raise ValueError(
+            f"expected image and text embeddings of the same shape (n, P), got "
+            f"{tuple(image_emb.shape)} and {tuple(text_emb.shape)}"
+        )
+
+
+def _global_layout(local_size: int, device: torch.device, distributed: bool,
+                   group: dist.ProcessGroup | None) -> tuple[list[int], int, int]:
+    """(every rank's batch size, first global index of this rank's block, world size)."""
+    world, rank = world_size_and_rank(group) if distributed else (1, 0)
+    sizes = gather_sizes(local_size, device, group) if world > 1 else [local_size]
+    if sum(sizes) == 0:
+        raise ValueError("contrastive loss over an empty batch")
+    return sizes, sum(sizes[:rank]), world
+
+
+def clip_loss(
+    image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor, *,
+    distributed: bool = False, group: dist.ProcessGroup | None = None,
+) -> Tensor:
+    """CLIP's symmetric ITC loss. image_emb, text_emb (n, P) unit-norm, pair i matching pair i;
+    logit_scale is the LOG of the scale.
+
+    On one process: 0.5 · (CE(rows of s·I·Tᵀ, diagonal) + CE(columns, diagonal)), each a mean
+    over the batch. With `distributed=True` this rank's images are scored against ALL texts and
+    its texts against ALL images; the returned share is (world / N) · 0.5 · (sum of this rank's
+    row losses + its column losses), whose mean over ranks is the global loss.
+    """
+    _check_pairs(image_emb, text_emb)
+    sizes, start, world = _global_layout(image_emb.shape[0], image_emb.device, distributed, group)
+    all_images = gather_with_grad(image_emb, group, sizes) if world > 1 else image_emb
+    all_texts = gather_with_grad(text_emb, group, sizes) if world > 1 else text_emb
+    scale = logit_scale.exp()
+    image_to_text = scale * image_emb @ all_texts.t()  # (n, N)
+    text_to_image = scale * text_emb @ all_images.t()  # (n, N)
+    labels = torch.arange(start, start + image_emb.shape[0], device=image_emb.device)
+    summed = F.cross_entropy(image_to_text, labels, reduction="sum") + F.cross_entropy(
+        text_to_image, labels, reduction="sum"
+    )
+    return 0.5 * summed * (world / sum(sizes))
+
+
+def siglip_loss(
+    image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor, logit_bias: Tensor, *,
+    distributed: bool = False, group: dist.ProcessGroup | None = None,
+) -> Tensor:
+    """SigLIP's pairwise sigmoid loss. image_emb, text_emb (n, P) unit-norm; logit_scale is t'
+    (the LOG of t) and logit_bias is b, scalars or shape (1,) as SigLIPDualEncoder stores them.
+
+    On one process: -(1/N) · sum_ij log σ(z_ij · (t · x_i·y_j + b)) with z_ij = +1 for i = j and
+    -1 otherwise — summed over all pairs, normalised per image as in the SigLIP paper.
+
+    With `distributed=True` the text blocks of all ranks are all-gathered (with gradient) and
+    this rank's images are scored against every text; another rank's texts can only be
+    negatives for these images, so +1 appears only in this rank's own block. The returned share
+    is (world / N) · (this rank's sum), whose mean over ranks is the global loss; every
+    image-text pair is counted once, on the rank that holds the image. The all-gather is used
+    rather than the paper's ring of neighbour exchanges because it reuses the one
+    gradient-correct collective; it holds an (n, N) logit block per rank where the ring holds
+    (n, n) at a time, which only matters at batch sizes far beyond Tessera's CPU scale.
+    """
+    _check_pairs(image_emb, text_emb)
+    sizes, start, world = _global_layout(image_emb.shape[0], image_emb.device, distributed, group)
+    all_texts = gather_with_grad(text_emb, group, sizes) if world > 1 else text_emb
+    logits = logit_scale.exp() * image_emb @ all_texts.t() + logit_bias  # (n, N)
+    local = torch.arange(image_emb.shape[0], device=logits.device)
+    signs = torch.full_like(logits, -1.0)
+    signs[local, start + local] = 1.0
+    return -F.logsigmoid(signs * logits).sum() * (world / sum(sizes))

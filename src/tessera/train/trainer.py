@@ -205,8 +205,10 @@ class Trainer:
             last_loss = logs_acc["loss"]
             window.append(last_loss)
             if step % stage.log_every == 0 or step == stage.steps:
-                history.append({"step": step, "lr": stage.lr * factor, **logs_acc})
-                bar.set_postfix(loss=f"{sum(window) / len(window):.4f}")
+                # "loss" is the mean over the steps since the last entry; the other logs are this step's.
+                mean_loss = sum(window) / len(window)
+                history.append({"step": step, "lr": stage.lr * factor, **logs_acc, "loss": mean_loss})
+                bar.set_postfix(loss=f"{mean_loss:.4f}")
                 window = []
             bar.update(1)
             at_save = stage.save_every is not None and step % stage.save_every == 0

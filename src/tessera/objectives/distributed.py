@@ -1,0 +1,94 @@
+"""Collectives for losses that compare every sample with the whole global batch (ITC, sigmoid).
+
+Each rank encodes its local slice of the global batch; the contrastive losses need the other
+ranks' embeddings as well, and their gradients must come out as if one process had run the
+whole batch. `gather_with_grad` concatenates every rank's block (in rank order) and keeps the
+autograd graph through a custom Function whose backward SUMS the incoming gradients over ranks
+(one all-reduce) and hands each rank the slice of its own block.
+
+Why that design, and not "all_gather without gradient, then put the local block back": rank r's
+loss L_r also depends on the blocks of the other ranks. After backward the trainer averages
+parameter gradients over ranks (as DDP does), so the gradient that must reach block r is
+sum_s dL_s/d(block r), and the parts with s != r only exist on the other ranks. With the
+local block put back, rank r sees only dL_r/d(block r): the cross terms are lost when every
+rank computes its local share of the loss, and when every rank computes the full global loss
+instead, the averaged gradient comes out 1/world_size too small. Summing in backward gives
+exactly the single-process gradient of mean_r L_r for either way of splitting the loss.
+
+An all-reduce (rather than a reduce-scatter) returns the gradients because gloo, the CPU
+backend, has no reduce-scatter; the tensors are (global batch, embedding width), small next to
+the towers' activations. Ranks may hold different numbers of samples (a last batch, skipped
+images): blocks are padded to the largest size for the all-gather and cut back afterwards.
+
+Without an initialised process group (or with a world of one) every function here is the
+identity, so single-process code can call them unconditionally.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def world_size_and_rank(group: dist.ProcessGroup | None = None) -> tuple[int, int]:
+    """(world size, this process's rank) in `group`; (1, 0) when not running distributed."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1, 0
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def gather_sizes(local_size: int, device: torch.device, group: dist.ProcessGroup | None = None) -> list[int]:
+    """Every rank's local batch size, in rank order. `device` is where the backend can
+    communicate (CPU for gloo, this rank's GPU for NCCL)."""
+    world, _ = world_size_and_rank(group)
+    if world == 1:
+        return [local_size]
+    mine = torch.tensor([local_size], dtype=torch.long, device=device)
+    everyone = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(everyone, mine, group=group)
+    return [int(size.item()) for size in everyone]
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, local: Tensor, sizes: tuple[int, ...], rank: int, group: dist.ProcessGroup | None) -> Tensor:
+        ctx.sizes, ctx.rank, ctx.group = sizes, rank, group
+        padded = local.new_zeros((max(sizes), *local.shape[1:]))
+        padded[: local.shape[0]] = local
+        blocks = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(blocks, padded, group=group)
+        return torch.cat([block[:size] for block, size in zip(blocks, sizes, strict=True)])
+
+    @staticmethod
+    def backward(ctx: Any, grad_gathered: Tensor) -> tuple[Tensor, None, None, None]:
+        # A copy: autograd may hand the same gradient buffer to other consumers.
+        summed = grad_gathered.contiguous().clone()
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=ctx.group)
+        start = sum(ctx.sizes[: ctx.rank])
+        return summed[start : start + ctx.sizes[ctx.rank]], None, None, None
+
+
+def gather_with_grad(
+    local: Tensor, group: dist.ProcessGroup | None = None, sizes: Sequence[int] | None = None
+) -> Tensor:
+    """All ranks' blocks of `local` (n_r, ...) concatenated along dim 0 in rank order,
+    differentiable with respect to this rank's block (see the module docstring for how the
+    gradient is summed over ranks).
+
+    `sizes` (every rank's n_r, from `gather_sizes`) saves one collective when the caller
+    already knows them. Returns `local` itself when not running distributed.
+    """
+    world, rank = world_size_and_rank(group)
+    if world == 1:
+        return local
+    if sizes is None:
+        sizes = gather_sizes(local.shape[0], local.device, group)
+    if len(sizes) != world or sizes[rank] != local.shape[0]:
+        raise ValueError(
+            f"sizes {list(sizes)} do not fit rank {rank} of {world} holding {local.shape[0]} rows"
+        )
+    return _GatherWithGrad.apply(local.contiguous(), tuple(sizes), rank, group)
