@@ -51,6 +51,22 @@ def data_shapes(
     typer.echo(f"ShapesWorld written to {out} ({counts})")
 
 
+@data_app.command("tasks")
+def data_tasks(
+    root: Annotated[Path, typer.Option(help="an existing ShapesWorld folder")],
+    unique_captions: Annotated[bool, typer.Option(help="retrieval captions unique per image")] = False,
+) -> None:
+    """Add the classic tasks to a ShapesWorld folder: retrieval galleries, zero-shot labels,
+    closed-set VQA answers, image-pair reasoning and visual entailment."""
+    from tessera.data.shapes_tasks import generate_classic_tasks
+
+    try:
+        manifest = generate_classic_tasks(root, unique_captions=unique_captions)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    typer.echo(f"classic tasks written to {root} ({', '.join(sorted(manifest.get('files', {})))})")
+
+
 @app.command()
 def train(
     data: Annotated[Path, typer.Option(help="ShapesWorld folder")],
