@@ -461,7 +461,9 @@ def _ask_exists(rng: random.Random, scene: _Scene) -> _Question:
     return _Question("exists", question, "yes" if want_yes else "no", "yes/no")
 
 
-def _ask_spatial(rng: random.Random, scene: _Scene) -> _Question | None:
+def _spatial_pair(rng: random.Random, scene: _Scene) -> tuple[str, str, str] | None:
+    """Two objects clearly apart along one axis, both nameable: (reference a, reference b,
+    the true relation of a to b), preferring held-out objects; None when no pair qualifies."""
     references = {id(o): _reference(o, scene.objects) for o in scene.objects}
     pairs = [
         (a, b, axis)
@@ -471,11 +473,18 @@ def _ask_spatial(rng: random.Random, scene: _Scene) -> _Question | None:
     if not pairs:
         return None
     a, b, axis = _pick(rng, pairs, lambda p: p[0] in scene.focus or p[1] in scene.focus)
+    return references[id(a)], references[id(b)], _true_relation(a, b, axis)
+
+
+def _ask_spatial(rng: random.Random, scene: _Scene) -> _Question | None:
+    pair = _spatial_pair(rng, scene)
+    if pair is None:
+        return None
+    ref_a, ref_b, relation = pair
     want_yes = rng.random() < 0.5
-    relation = _true_relation(a, b, axis)
     if not want_yes:
         relation = _OPPOSITE[relation]
-    question = f"is the {references[id(a)]} {relation} the {references[id(b)]}?"
+    question = f"is the {ref_a} {relation} the {ref_b}?"
     return _Question("spatial", question, "yes" if want_yes else "no", "yes/no")
 
 

@@ -54,8 +54,7 @@ from tessera.data.shapes import (
     _sample_objects,
     _Scene,
     _scene,
-    _separated_pairs,
-    _true_relation,
+    _spatial_pair,
     _with_article,
     _write_json_atomic,
 )
@@ -688,19 +687,13 @@ def _claim_size(
 def _claim_spatial(
     rng: random.Random, scene: _Scene, context: _SplitContext, truth: bool
 ) -> str | None:
-    references = {id(o): _reference(o, scene.objects) for o in scene.objects}
-    pairs = [
-        (a, b, axis)
-        for a, b, axis in _separated_pairs(scene.objects, scene.geometry)
-        if references[id(a)] and references[id(b)]
-    ]
-    if not pairs:
+    pair = _spatial_pair(rng, scene)
+    if pair is None:
         return None
-    a, b, axis = _pick(rng, pairs, lambda p: p[0] in scene.focus or p[1] in scene.focus)
-    relation = _true_relation(a, b, axis)
+    ref_a, ref_b, relation = pair
     if not truth:
         relation = _OPPOSITE[relation]
-    return f"the {references[id(a)]} is {relation} the {references[id(b)]}."
+    return f"the {ref_a} is {relation} the {ref_b}."
 
 
 def _undecidable_material(

@@ -455,16 +455,23 @@ def _square(d: Mapping[str, Any], key: str) -> int:
     return int(value)
 
 
+def _encoder_dims(d: Mapping[str, Any]) -> dict[str, int]:
+    """The transformer sizes every CLIP / SigLIP tower config spells the same way."""
+    return {
+        "hidden_size": d["hidden_size"],
+        "num_layers": d["num_hidden_layers"],
+        "num_heads": d["num_attention_heads"],
+        "intermediate_size": d["intermediate_size"],
+    }
+
+
 def vit_config_from_hf_clip_vision(d: Mapping[str, Any]) -> ViTConfig:
     """A CLIPVisionConfig dict (or a CLIPConfig dict, whose vision_config is used) → ViTConfig."""
     d = {**_HF_CLIP_VISION_DEFAULTS, **(d.get("vision_config") or d)}
     return ViTConfig(
         image_size=_square(d, "image_size"),
         patch_size=_square(d, "patch_size"),
-        hidden_size=d["hidden_size"],
-        num_layers=d["num_hidden_layers"],
-        num_heads=d["num_attention_heads"],
-        intermediate_size=d["intermediate_size"],
+        **_encoder_dims(d),
         act=_activation(d, "quick_gelu"),
         layer_norm_eps=d["layer_norm_eps"],
         class_token=True,
@@ -488,10 +495,7 @@ def clip_text_config_from_hf(d: Mapping[str, Any]) -> CLIPTextConfig:
         eos = d["vocab_size"] - 1
     return CLIPTextConfig(
         vocab_size=d["vocab_size"],
-        hidden_size=d["hidden_size"],
-        num_layers=d["num_hidden_layers"],
-        num_heads=d["num_attention_heads"],
-        intermediate_size=d["intermediate_size"],
+        **_encoder_dims(d),
         max_position_embeddings=d["max_position_embeddings"],
         act=_activation(d, "quick_gelu"),
         layer_norm_eps=d["layer_norm_eps"],
@@ -507,10 +511,7 @@ def vit_config_from_hf_siglip_vision(d: Mapping[str, Any]) -> ViTConfig:
     return ViTConfig(
         image_size=_square(d, "image_size"),
         patch_size=_square(d, "patch_size"),
-        hidden_size=d["hidden_size"],
-        num_layers=d["num_hidden_layers"],
-        num_heads=d["num_attention_heads"],
-        intermediate_size=d["intermediate_size"],
+        **_encoder_dims(d),
         act=_activation(d, "gelu_pytorch_tanh"),
         layer_norm_eps=d["layer_norm_eps"],
         class_token=False,
@@ -546,10 +547,7 @@ def siglip_text_config_from_hf(d: Mapping[str, Any]) -> CLIPTextConfig:
     eos = d.get("eos_token_id")
     return CLIPTextConfig(
         vocab_size=d["vocab_size"],
-        hidden_size=d["hidden_size"],
-        num_layers=d["num_hidden_layers"],
-        num_heads=d["num_attention_heads"],
-        intermediate_size=d["intermediate_size"],
+        **_encoder_dims(d),
         max_position_embeddings=d["max_position_embeddings"],
         act=_activation(d, "gelu_pytorch_tanh"),
         layer_norm_eps=d["layer_norm_eps"],
