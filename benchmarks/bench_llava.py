@@ -313,7 +313,7 @@ class CpuMonitor:
     threads on the same cores slow each other down several times)."""
 
     def __init__(self) -> None:
-        self.other = self.wall = 0.0
+        self.other = self.wall = self.last_other = self.last_wall = 0.0
 
     @staticmethod
     def _busy() -> float:
@@ -335,8 +335,15 @@ class CpuMonitor:
 
     def __exit__(self, *exc: object) -> None:
         wall, busy, own = self._start
-        self.wall += time.perf_counter() - wall
-        self.other += max(0.0, (self._busy() - busy) - (self._own() - own))
+        self.last_wall = time.perf_counter() - wall
+        self.last_other = max(0.0, (self._busy() - busy) - (self._own() - own))
+        self.wall += self.last_wall
+        self.other += self.last_other
+
+    @property
+    def last_share(self) -> float:
+        """other_share of the latest measured stretch alone."""
+        return self.last_other / (self.last_wall * (os.cpu_count() or 1)) if self.last_wall else 0.0
 
     @property
     def other_share(self) -> float:
@@ -366,10 +373,10 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], warmup: int, reps: int) 
     return times
 
 
-def matmul_peak(n: int, reps: int) -> float:
-    """Best fp32 FLOP/s of an n×n by n×n matmul over `reps` tries."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    out = torch.empty(n, n)
+def matmul_peak(n: int, reps: int, dtype: torch.dtype = torch.float32) -> float:
+    """Best FLOP/s of an n×n by n×n matmul in `dtype` over `reps` tries."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    out = torch.empty(n, n, dtype=dtype)
     for _ in range(2):
         torch.mm(a, b, out=out)
     best = float("inf")
@@ -455,10 +462,14 @@ def train_step_flops(model: LVLM, samples: Sequence[Sample]) -> dict[str, float]
 def machine() -> dict[str, Any]:
     cpu = platform.processor() or "unknown"
     try:
+        info: dict[str, str] = {}
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+        flags = set(info.get("flags", "").split())
+        vector = [name for flag, name in (("avx512f", "AVX-512"), ("avx512_bf16", "AVX-512 BF16")) if flag in flags]
+        cpu = (f"{info.get('model name', cpu)} (family {info.get('cpu family', '?')}, model "
+               f"{info.get('model', '?')}{'; ' + ', '.join(vector) if vector else ''})")
     except OSError:
         pass
     return {
@@ -522,6 +533,7 @@ def write_markdown(path: Path, results: dict[str, Any]) -> None:
                 f"| {row['name']} | {row['tessera_ms']:.0f} ms | {row['tessera_all_positions_ms']:.0f} ms | "
                 f"{row['transformers_ms']:.0f} ms | {row['speedup_without_keep']:.2f}× |"
             )
+    bf16_peak = f", bf16 **{results['peak_flops_bf16'] / 1e9:.1f} GFLOP/s**" if results["peak_flops_bf16"] else ""
     text = f"""# Benchmarks: tiny LLaVA-1.5, Tessera vs transformers
 
 Same model dimensions, same weights (copied from transformers' `LlavaForConditionalGeneration`
@@ -535,8 +547,9 @@ Command: `make bench` (`{results['command']}`), {results['date']}.
 Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} torch threads, torch {m['torch']}, transformers
 {m['transformers']}, Python {m['python']}; other processes used {m['other_processes_cpu_share']:.1%} of the CPU
 while timing ran.
-fp32 matmul peak measured in the run: **{results['peak_flops'] / 1e9:.1f} GFLOP/s** ({settings['peak_matmul_size']}²
-matmuls, best of {settings['peak_reps']}).
+Matmul peak measured in the run ({settings['peak_matmul_size']}² matmuls, best of {settings['peak_reps']}): fp32
+**{results['peak_flops'] / 1e9:.1f} GFLOP/s**{bf16_peak}; MFU is against the fp32 peak, and against the bf16
+one for the bf16 autocast rows.
 
 {chr(10).join(table)}
 
@@ -550,8 +563,11 @@ values still at every position); without that, as transformers computes:
 
 {chr(10).join(ablation)}
 
-The rest is padding (mixed lengths only), transformers' logits and log-softmax at every position,
-its fourth ViT layer (computed, then discarded by vision_feature_layer=-2) and its unfused RMSNorm.
+Without it, the mixed-length gain is mostly the padding transformers computes; on dense sequences
+the two then do nearly the same work (transformers' extra: logits and log-softmax at every position,
+its fourth ViT layer, computed and then discarded by vision_feature_layer=-2). Generation uses the
+same idea in the prefill (last layer for the last column only), and keeps its per-step bookkeeping
+in Python; both sides generate with a KV cache and produce the same tokens.
 
 Workload: {w['batch_size']} ShapesWorld conversations grouped by image (vicuna template, {w['image_tokens']}
 image tokens each, vocabulary {w['vocab_size']} = the BPE tokenizer trained on the data): {w['mixed_tokens']}
@@ -579,7 +595,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--md", type=Path, default=Path("BENCHMARKS.md"))
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=10)
-    parser.add_argument("--gen-reps", type=int, default=5)
+    parser.add_argument("--gen-reps", type=int, default=10)
     parser.add_argument("--num-images", type=int, default=120, help="ShapesWorld train images to generate")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--dense-length", type=int, default=256)
@@ -644,13 +660,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     if counts != {args.new_tokens}:
         raise SystemExit("the two sides generated different token counts")
     parity["generated_tokens_identical"] = same
-    gen_times = time_interleaved({"tessera": run_ours, "transformers": run_hf}, 1, args.gen_reps)
+    gen_times = time_interleaved({"tessera": run_ours, "transformers": run_hf}, 2, args.gen_reps)
+    gen_share = MONITOR.last_share
     new_tokens = len(work.prompts) * args.new_tokens
     g_ours, g_ref = statistics.median(gen_times["tessera"]), statistics.median(gen_times["transformers"])
     gen = {
         "tessera_ms": g_ours * 1e3, "transformers_ms": g_ref * 1e3,
         "tessera_tokens_per_s": new_tokens / g_ours, "transformers_tokens_per_s": new_tokens / g_ref,
         "speedup": g_ref / g_ours,
+        "other_processes_cpu_share": gen_share,
         "tessera_ms_all": [t * 1e3 for t in gen_times["tessera"]],
         "transformers_ms_all": [t * 1e3 for t in gen_times["transformers"]],
     }
@@ -658,7 +676,10 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"speedup {gen['speedup']:.2f}x", flush=True)
 
     peak = matmul_peak(args.peak_size, args.peak_reps)
-    print(f"[peak] fp32 matmul {peak / 1e9:.1f} GFLOP/s", flush=True)
+    # Under bf16 autocast the matmuls run in bf16: those rows are measured against its peak.
+    peak_bf16 = None if args.no_bf16 else matmul_peak(args.peak_size, args.peak_reps, torch.bfloat16)
+    print(f"[peak] fp32 matmul {peak / 1e9:.1f} GFLOP/s"
+          + (f", bf16 {peak_bf16 / 1e9:.1f} GFLOP/s" if peak_bf16 else ""), flush=True)
 
     ours_params = freeze_vision(ours, ours.vision_tower)
     hf_params = freeze_vision(hf, hf.model.vision_tower)
@@ -686,8 +707,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             # Ablation: Tessera running its last layer on every position, as transformers does.
             fns["tessera_all_positions"] = tessera_step(ours, opt_ours, b_ours, bf16, keep=False)
         times = time_interleaved(fns, args.warmup, args.reps)
-        row = train_row(name, times, sum(lengths), flops["total"], peak)
-        row["tessera_mfu_nominal"] = flops["nominal_total"] / (row["tessera_ms"] / 1e3) / peak
+        row_peak = peak_bf16 if bf16 else peak
+        row = train_row(name, times, sum(lengths), flops["total"], row_peak)
+        row["other_processes_cpu_share"] = MONITOR.last_share
+        row["tessera_mfu_nominal"] = flops["nominal_total"] / (row["tessera_ms"] / 1e3) / row_peak
         if "tessera_all_positions" in times:
             row["tessera_all_positions_ms"] = median_ms(times["tessera_all_positions"])
             row["speedup_without_keep"] = statistics.median(times["transformers"]) / statistics.median(
@@ -711,6 +734,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "train": rows,
         "generate": gen,
         "peak_flops": peak,
+        "peak_flops_bf16": peak_bf16,
         "model_flops": flops_by_case,
         "parity": parity,
         "workload": {
@@ -728,7 +752,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                      "transformers_attention": hf.config._attn_implementation},
         "machine": info,
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": " ".join([os.path.relpath(sys.executable), *sys.argv]),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

@@ -74,7 +74,8 @@ class DecoderAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, k, v)
         if keep is None:
-            q = apply_rotary(self.q_proj(x).view(b, length, self.num_heads, self.head_dim).transpose(1, 2), cos, sin)
+            q = self.q_proj(x).view(b, length, self.num_heads, self.head_dim).transpose(1, 2)
+            q = apply_rotary(q, cos, sin)
             out = attention(q, k, v, causal=True, cu_seqlens=cu_seqlens, key_padding_mask=key_padding_mask)
             return self.o_proj(out.transpose(1, 2).reshape(b, length, -1))
         # Queries only where the output is read; each rotated at its own position's angle.
