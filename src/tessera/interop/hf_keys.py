@@ -848,13 +848,21 @@ def text_tower_config_to_hf(cfg: CLIPTextConfig) -> dict[str, Any]:
     )
 
 
+def _dual_towers_to_hf(
+    cfg: DualEncoderConfig | SigLIPDualEncoderConfig, family: str, architecture: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Both towers' HF config dicts, checked to be of `family` ("clip" or "siglip")."""
+    vision, text = vit_config_to_hf(cfg.vision), text_tower_config_to_hf(cfg.text)
+    if (vision["model_type"], text["model_type"]) != (f"{family}_vision_model", f"{family}_text_model"):
+        raise ValueError(
+            f"cannot export as {architecture}: towers are {vision['model_type']} and {text['model_type']}"
+        )
+    return vision, text
+
+
 def clip_config_to_hf(cfg: DualEncoderConfig) -> dict[str, Any]:
     """DualEncoderConfig → a CLIPConfig dict (both towers must be CLIP style)."""
-    vision, text = vit_config_to_hf(cfg.vision), text_tower_config_to_hf(cfg.text)
-    if (vision["model_type"], text["model_type"]) != ("clip_vision_model", "clip_text_model"):
-        raise ValueError(
-            f"cannot export as CLIPModel: towers are {vision['model_type']} and {text['model_type']}"
-        )
+    vision, text = _dual_towers_to_hf(cfg, "clip", "CLIPModel")
     return {
         "architectures": ["CLIPModel"],
         "model_type": "clip",
@@ -867,11 +875,7 @@ def clip_config_to_hf(cfg: DualEncoderConfig) -> dict[str, Any]:
 
 def siglip_config_to_hf(cfg: SigLIPDualEncoderConfig) -> dict[str, Any]:
     """SigLIPDualEncoderConfig → a SiglipConfig dict (both towers must be SigLIP style)."""
-    vision, text = vit_config_to_hf(cfg.vision), text_tower_config_to_hf(cfg.text)
-    if (vision["model_type"], text["model_type"]) != ("siglip_vision_model", "siglip_text_model"):
-        raise ValueError(
-            f"cannot export as SiglipModel: towers are {vision['model_type']} and {text['model_type']}"
-        )
+    vision, text = _dual_towers_to_hf(cfg, "siglip", "SiglipModel")
     return {
         "architectures": ["SiglipModel"],
         "model_type": "siglip",
