@@ -450,7 +450,7 @@ def edit_config(folder: Path, **changes: Any) -> None:
 
 @pytest.mark.parametrize(
     "architecture,needs",
-    [("BertModel", "BERT-style text encoder"), ("Blip2ForConditionalGeneration", "Q-Former"),
+    [("BertForMaskedLM", "only BertModel"), ("Blip2ForImageTextRetrieval", "only Blip2ForConditionalGeneration"),
      ("GPT2LMHeadModel", None)],
 )
 def test_unsupported_architecture_is_named(architecture: str, needs: str | None, tmp_path: Path) -> None:
@@ -569,8 +569,8 @@ def test_cli_import_hf(llama_folder: Path, tmp_path: Path) -> None:
 
     broken = tmp_path / "broken"
     broken.mkdir()
-    (broken / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
+    (broken / "config.json").write_text(json.dumps({"architectures": ["BertForMaskedLM"]}))
     result = runner.invoke(app, ["import-hf", str(broken), str(tmp_path / "out2")])
     assert result.exit_code == 2
-    assert "BertModel" in result.output
+    assert "BertForMaskedLM" in result.output
 

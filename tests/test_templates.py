@@ -43,18 +43,43 @@ GOLDEN = {
         "<|im_start|>user\nAnd then?<|im_end|>\n"
         "<|im_start|>assistant\nanswer two<|im_end|>\n"
     ),
+    "minigpt_v2": (
+        "<s>[INST] <Img><image></Img>\nWhat is shown? [/INST] answer one </s>"
+        "<s>[INST] And then? [/INST] answer two </s>"
+    ),
+    "qwen_vl": (
+        "<|im_start|>user\n<img><image></img>\nWhat is shown?<|im_end|>\n"
+        "<|im_start|>assistant\nanswer one<|im_end|>\n"
+        "<|im_start|>user\nAnd then?<|im_end|>\n"
+        "<|im_start|>assistant\nanswer two<|im_end|>\n"
+    ),
+    "blip2": "<s><image>\nWhat is shown? Answer: answer one</s> And then? Answer: answer two</s>",
+    "minigpt4": (
+        "<s>###Human: <Img><image></Img>\nWhat is shown? ###Assistant: answer one</s>"
+        "###Human: And then? ###Assistant: answer two</s>"
+    ),
 }
 GOLDEN_WITH_SYSTEM = {
     "vicuna": "<s>Be brief. USER: <image>\nWhat is shown? ASSISTANT: answer one</s>USER: ",
     "llama2": "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n<image>\nWhat is shown? [/INST] answer one </s><s>",
     "chatml": "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n<image>\n",
+    "minigpt_v2": "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n<Img><image></Img>\nWhat is shown? [/INST] answer one </s><s>",
+    "qwen_vl": "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n<img><image></img>\n",
+    "blip2": "<s>Be brief. <image>\nWhat is shown? Answer: answer one</s> And then? ",
+    "minigpt4": "<s>Be brief. ###Human: <Img><image></Img>\nWhat is shown? ###Assistant: answer one</s>###Human: ",
 }
 LABELLED_RUNS = {
     "vicuna": ["answer one</s>", "answer two</s>"],
     "llama2": ["answer one </s>", "answer two </s>"],
     "chatml": ["answer one<|im_end|>", "answer two<|im_end|>"],
+    "minigpt_v2": ["answer one </s>", "answer two </s>"],
+    "qwen_vl": ["answer one<|im_end|>", "answer two<|im_end|>"],
+    "blip2": ["answer one</s>", "answer two</s>"],
+    "minigpt4": ["answer one</s>", "answer two</s>"],
 }
-PROMPT_ENDS = {"vicuna": " ASSISTANT: ", "llama2": " [/INST] ", "chatml": "<|im_start|>assistant\n"}
+PROMPT_ENDS = {"vicuna": " ASSISTANT: ", "llama2": " [/INST] ", "chatml": "<|im_start|>assistant\n",
+               "minigpt_v2": " [/INST] ", "qwen_vl": "<|im_start|>assistant\n", "blip2": " Answer: ",
+               "minigpt4": " ###Assistant: "}
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,15 @@
 """The `tessera` command line: every capability of the library, one subcommand each.
 
     tessera data shapes --out DIR        make the ShapesWorld dataset
+    tessera data reading --root DIR      add grounding / OCR / chart tasks to it
     tessera train --data DIR --out DIR   train the LLaVA pipeline (all stages or some)
     tessera eval CHECKPOINT --data DIR   VQA accuracy per question type and split
     tessera chat CHECKPOINT --image PATH "question"   (no question: interactive)
     tessera quickstart --out DIR         all of the above, end to end
     tessera import-hf SRC OUT            a local Hugging Face folder → a Tessera checkpoint
     tessera export-hf CHECKPOINT OUT     a Tessera checkpoint → a Hugging Face folder
+    tessera capfilt CHECKPOINT --data DIR --out DIR2   BLIP's CapFilt: a cleaned caption dataset
+    tessera zoo --only NAME --out DIR    train + evaluate presets' tiny recipes: results.json, ZOO.md
 """
 
 from __future__ import annotations
@@ -65,6 +68,30 @@ def data_tasks(
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
     typer.echo(f"classic tasks written to {root} ({', '.join(sorted(manifest.get('files', {})))})")
+
+
+@data_app.command("reading")
+def data_reading(
+    root: Annotated[Path, typer.Option("--root", "--out", help="an existing ShapesWorld folder")],
+    rec_per_image: Annotated[int, typer.Option(help="referring expressions per image (at most)")] = 1,
+    text_images_per_image: Annotated[float, typer.Option(help="rendered-text images per base image")] = 0.5,
+    charts_per_image: Annotated[float, typer.Option(help="bar charts per base image")] = 0.5,
+) -> None:
+    """Add grounding and reading tasks to a ShapesWorld folder: referring expressions (text → box,
+    box → text) and grounded captions in the Qwen-VL and CogVLM box formats, rendered text (OCR)
+    and bar charts (chart → Python dict)."""
+    from pydantic import ValidationError
+
+    from tessera.data.shapes_reading import ReadingTasksConfig, generate_reading_tasks
+
+    try:
+        options = ReadingTasksConfig(rec_per_image=rec_per_image, text_images_per_image=text_images_per_image,
+                                     charts_per_image=charts_per_image)
+        manifest = generate_reading_tasks(root, config=options)
+    except (ValidationError, ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    counts = ", ".join(f"{split}: {sum(c.values())} records" for split, c in manifest["splits"].items())
+    typer.echo(f"reading tasks written to {root} ({counts})")
 
 
 @app.command()
@@ -217,15 +244,78 @@ def import_hf_command(
 def export_hf_command(
     checkpoint: Annotated[Path, typer.Argument(help="Tessera checkpoint folder")],
     out: Annotated[Path, typer.Argument(help="Hugging Face folder to write")],
+    adapter_out: Annotated[Path | None, typer.Option(
+        help="write LoRA adapters here in the PEFT format (base model unmerged in OUT); "
+             "without it adapters are merged")] = None,
 ) -> None:
     """Write a checkpoint as a transformers folder (LLaVA, CLIP, SigLIP, LLaMA / Qwen2, towers)."""
     from tessera.interop import export_hf
 
     try:
-        export_hf(checkpoint, out)
+        export_hf(checkpoint, out, adapter_out=adapter_out)
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
     typer.echo(f"exported {checkpoint} to {out} (load it with transformers' from_pretrained)")
+
+
+@app.command("capfilt")
+def capfilt_command(
+    checkpoint: Annotated[Path, typer.Argument(help="BLIP checkpoint folder (captioner and ITM filter)")],
+    data: Annotated[Path, typer.Option(help="dataset root: <split>/captions.json, image paths relative to it")],
+    out: Annotated[Path, typer.Option(help="output folder: <split>/captions.json and capfilt_summary.json")],
+    split: str = "train",
+    captions: Annotated[Path | None, typer.Option(help="COCO captions file instead of DATA/<split>/captions.json")] = None,
+    threshold: Annotated[float, typer.Option(help="ITM match probability a caption needs to stay")] = 0.5,
+    max_new_tokens: int = 30, batch_size: int = 64,
+    max_images: Annotated[int | None, typer.Option(help="only the first N images")] = None,
+) -> None:
+    """BLIP's CapFilt: caption every image, drop captions the ITM filter rejects, write the cleaned set."""
+    from tessera.capfilt import capfilt_checkpoint
+
+    try:
+        summary = capfilt_checkpoint(checkpoint, data, out, split=split, captions_file=captions, threshold=threshold,
+                                     max_new_tokens=max_new_tokens, batch_size=batch_size, max_images=max_images)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    typer.echo(f"{summary.images} images: original captions kept {summary.original_kept}, removed "
+               f"{summary.original_removed}; synthetic kept {summary.synthetic_kept}, removed "
+               f"{summary.synthetic_removed}")
+    if summary.noisy_total is not None:
+        typer.echo(f"noisy captions removed {summary.noisy_removed}/{summary.noisy_total}, clean removed "
+                   f"{summary.clean_removed}/{summary.clean_total}")
+    typer.echo(f"written {out / split / 'captions.json'} and {out / 'capfilt_summary.json'}")
+
+
+@app.command("zoo")
+def zoo_command(
+    out: Annotated[Path | None, typer.Option(help="zoo folder: data/, NAME/results.json, ZOO.md")] = None,
+    only: Annotated[list[str] | None, typer.Option(help="presets to run (repeat, or comma-separated); default all")] = None,
+    scale: Annotated[float, typer.Option(help="multiply every stage's steps (e.g. 0.02 for a smoke run)")] = 1.0,
+    seed: int = 0,
+    data: Annotated[Path | None, typer.Option(help="existing ShapesWorld folder with task files (default OUT/data)")] = None,
+    list_presets: Annotated[bool, typer.Option("--list", help="list the zoo's presets and exit")] = False,
+) -> None:
+    """Train each preset's tiny recipe on ShapesWorld, evaluate every task it supports, write
+    OUT/NAME/results.json and the table OUT/ZOO.md."""
+    from tessera.zoo.runner import list_presets as zoo_presets
+    from tessera.zoo.runner import run_zoo
+
+    if list_presets:
+        names, broken = zoo_presets()
+        typer.echo("\n".join(names))
+        for module, error in broken.items():
+            typer.secho(f"warning: preset module {module} failed to import: {error}", fg=typer.colors.YELLOW, err=True)
+        return
+    if out is None:
+        _fail("--out is required (the zoo folder)")
+    names = [n.strip() for item in only or [] for n in item.split(",") if n.strip()]
+    try:
+        run = run_zoo(names, out, scale=scale, seed=seed, data_dir=data, log=typer.echo)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    typer.echo(f"table: {run.table}")
+    if run.failed:
+        _fail(f"failed presets: {', '.join(run.failed)} (errors in their results.json and the table)")
 
 
 def main() -> None:

@@ -1,13 +1,15 @@
-"""The LLaVA pipeline as library calls: tokenizer → CLIP-style ViT → LM → LLaVA stage 1
-(align) → stage 2 (instruct), and VQA evaluation of a checkpoint on ShapesWorld splits.
+"""The LVLM pipeline as library calls: tokenizer → CLIP-style ViT → LM → the preset's own
+stages (LLaVA: stage 1 align → stage 2 instruct; MiniGPT-v2, Qwen-VL, InternVL: three
+stages each), and VQA evaluation of a checkpoint on ShapesWorld splits.
 
+`train_lvlm` trains any `LVLMPreset`; `train_llava` is the same function on a LLaVA preset.
 `tessera train`, `tessera eval` and `tessera quickstart` are thin wrappers over these.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,11 +18,15 @@ from torch import nn
 from tessera.data.datasets import ConversationDataset, ImageCache, group_by_image, group_captions
 from tessera.data.images import ImageTransform, transform_from_meta
 from tessera.data.readers import read_coco_captions, read_llava, read_vqa, shapes_split_paths
-from tessera.data.records import SkipStats
+from tessera.data.records import Conversation, SkipStats
+from tessera.data.shapes_reading import reading_task_paths
+from tessera.data.templates import ChatTemplate, get_template, with_task
 from tessera.eval.vqa_eval import evaluate_vqa
 from tessera.eval.vqa_metrics import VQAScores
 from tessera.models.dual_encoder import DualEncoder, DualEncoderConfig
 from tessera.models.lvlm import LVLM, LVLMConfig
+from tessera.nn.lora import apply_lora, lora_config
+from tessera.presets.base import LVLMPreset, from_llava
 from tessera.presets.llava import LLaVAPreset
 from tessera.text.llama import LlamaDecoder
 from tessera.text.tokenizer import Tokenizer, train_bpe
@@ -43,10 +49,35 @@ def corpus_texts(data_dir: Path) -> list[str]:
     return texts
 
 
-def build_lvlm(preset: LLaVAPreset, tokenizer: Tokenizer) -> LVLM:
-    llm = preset.llm.model_copy(update={"vocab_size": tokenizer.vocab_size})
-    return LVLM(LVLMConfig(vision=preset.vision, connector=preset.connector, llm=llm,
-                           image_token_id=tokenizer.image_id, vision_feature_layer=preset.vision_feature_layer))
+def build_lvlm(preset: LLaVAPreset | LVLMPreset, tokenizer: Tokenizer) -> LVLM:
+    if isinstance(preset, LLaVAPreset):
+        preset = from_llava(preset)
+    llm = preset.llm.model_copy(update={"vocab_size": tokenizer.vocab_size, "visual_expert": preset.visual_expert})
+    return LVLM(LVLMConfig(vision=preset.encoder or preset.vision, connector=preset.connector, llm=llm,
+                           image_token_id=tokenizer.image_id, vision_feature_layer=preset.vision_feature_layer,
+                           vision_feature_select=preset.vision_feature_select, tiling=preset.tiling,
+                           extra_towers=preset.extra_towers, tower_merge=preset.tower_merge,
+                           image_positions=preset.image_positions))
+
+
+def load_stage_modules(model: nn.Module, folder: Path, mapping: dict[str, str]) -> None:
+    """For each entry `module prefix here → "<stage>:<module prefix there>"`, load the weights
+    under that prefix of the checkpoint folder/<stage>/final into the module (all of its
+    weights, shapes checked): Vary-base takes its new vision vocabulary from Vary-tiny."""
+    for target, origin in mapping.items():
+        stage, _, prefix = origin.partition(":")
+        state = load_checkpoint(folder / stage / "final").model.state_dict()
+        sub = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
+        if not sub:
+            raise ValueError(f"init_from_stages: no weights under {prefix!r} in {folder / stage / 'final'}")
+        model.get_submodule(target).load_state_dict(sub)
+
+
+def stage_template(preset: LVLMPreset, data: str | None) -> ChatTemplate:
+    """The preset's template, with the task identifier of `data` (a stage's data file, or None
+    for VQA evaluation) when the template has identifiers (MiniGPT-v2)."""
+    task = preset.vqa_task if data is None else preset.task_by_data.get(data)
+    return with_task(get_template(preset.template), task)
 
 
 def scaled(stage: StageConfig, scale: float, seed: int) -> StageConfig:
@@ -70,25 +101,48 @@ def train_llava(
     preset: LLaVAPreset, data_dir: str | Path, out: str | Path, *, stages: Sequence[str] = STAGES,
     step_scale: float = 1.0, seed: int = 0, progress: bool = True, resume: dict[str, Path] | None = None,
 ) -> PipelineResult:
-    """Train the named stages in order, each from the previous one's weights. Stages left
-    out load their result from `out` (e.g. rerun only "instruct" after a change).
-    `resume` maps a stage name to a step checkpoint to continue it from."""
+    """`train_lvlm` on a LLaVA preset: stages clip, lm, align, instruct; LLaVA checkpoints in
+    out/llava/<stage>."""
+    return train_lvlm(from_llava(preset), data_dir, out, stages=stages, step_scale=step_scale, seed=seed,
+                      progress=progress, resume=resume)
+
+
+def train_lvlm(
+    preset: LVLMPreset, data_dir: str | Path, out: str | Path, *, stages: Sequence[str] | None = None,
+    step_scale: float = 1.0, seed: int = 0, progress: bool = True, resume: dict[str, Path] | None = None,
+    pretrained: str | Path | None = None,
+) -> PipelineResult:
+    """Train the named stages in order (all by default: "clip", "lm", then the preset's own),
+    each from the previous one's weights. Stages left out load their result from `out` (e.g.
+    rerun only the last stage after a change). `resume` maps a stage name to a step
+    checkpoint to continue it from. `pretrained` is another run's folder to take the
+    tokenizer and the "clip" and "lm" results from (the zoo shares one pretraining among
+    presets with the same towers); those two stages are then not run here."""
     data_dir, out = Path(data_dir), Path(out)
-    unknown = set(stages) - set(STAGES)
+    stages = preset.stage_names if stages is None else tuple(stages)
+    unknown = set(stages) - set(preset.stage_names)
     if unknown:
-        raise ValueError(f"unknown stages {sorted(unknown)}; allowed: {list(STAGES)}")
+        raise ValueError(f"unknown stages {sorted(unknown)}; allowed: {list(preset.stage_names)}")
     resume = resume or {}
     seed_everything(seed)  # model initialisation depends on the run's seed, not the caller's RNG
     skips = SkipStats()
-    tok_file = out / "tokenizer" / "tokenizer.json"
+    if pretrained is not None and set(stages) & {"clip", "lm"}:
+        raise ValueError("stages 'clip' and 'lm' come from `pretrained`; do not ask to train them too")
+    source = out if pretrained is None else Path(pretrained)  # where tokenizer, clip and lm results are
+    tok_file = source / "tokenizer" / "tokenizer.json"
+    if pretrained is not None and not tok_file.is_file():
+        raise FileNotFoundError(f"pretrained run {source} has no tokenizer ({tok_file})")
     if "clip" in stages or not tok_file.is_file():
-        tokenizer = train_bpe(corpus_texts(data_dir), vocab_size=preset.tokenizer_vocab_size)
+        extra = {"extra_special_tokens": preset.special_tokens} if preset.special_tokens else {}
+        tokenizer = train_bpe(corpus_texts(data_dir), vocab_size=preset.tokenizer_vocab_size, **extra)
         tokenizer.save(tok_file.parent)
     tokenizer = Tokenizer.load(tok_file)
-    images = ImageCache(ImageTransform(size=(preset.vision.image_size, preset.vision.image_size)), skips)
+    size = preset.image_size
+    images = ImageCache(ImageTransform(size=(size, size)), skips)
     train_paths = shapes_split_paths(data_dir, "train")
-    meta = {"preset": preset.name, "template": preset.template,
-            "image_size": [preset.vision.image_size, preset.vision.image_size]}
+    meta = {"preset": preset.name, "template": preset.template, "image_size": [size, size]}
+    if preset.vqa_task:
+        meta["vqa_task"] = preset.vqa_task
     results: list[StageResult] = []
 
     def run(model: nn.Module, stage: StageConfig, task, folder: Path) -> None:
@@ -104,32 +158,76 @@ def train_llava(
         ))
         captions, cap_skips = read_coco_captions(train_paths["captions"], data_dir)
         skips.merge(cap_skips)
-        task = ContrastiveTask(group_captions(captions), tokenizer, images, preset.text_tower.max_position_embeddings)
+        # The ViT pretrains at its own size even when the LVLM is fed larger images (tiling).
+        side = preset.vision.image_size
+        clip_images = images if size == side else ImageCache(ImageTransform(size=(side, side)), skips)
+        task = ContrastiveTask(group_captions(captions), tokenizer, clip_images, preset.text_tower.max_position_embeddings)
         run(clip, preset.clip_stage, task, out / "clip")
     if "lm" in stages:
         lm = LlamaDecoder(preset.llm.model_copy(update={"vocab_size": tokenizer.vocab_size}))
         run(lm, preset.lm_stage, LanguageModelTask(corpus_texts(data_dir), tokenizer, 128), out / "lm")
 
     model = build_lvlm(preset, tokenizer)
-    llava_stages = [s for s in (preset.align_stage, preset.instruct_stage) if s.name in stages]
-    if llava_stages:
-        before = "align" if llava_stages[0].name == "instruct" else None
-        if before is not None:
-            model.load_state_dict(load_checkpoint(out / "llava" / before / "final").model.state_dict())
+    lvlm_stages = [s for s in preset.stages if s.name in stages]
+    if lvlm_stages:
+        first = [s.name for s in preset.stages].index(lvlm_stages[0].name)
+        if first > 0:
+            previous = load_checkpoint(out / preset.folder / preset.stages[first - 1].name / "final").model
+            if lora_config(previous) is not None:  # LoRA stages (MiniGPT-v2): continue the same adapters
+                apply_lora(model, lora_config(previous))
+            model.load_state_dict(previous.state_dict())
         else:
-            model.vision_tower.load_state_dict(load_checkpoint(out / "clip" / "final").model.vision_model.state_dict())
-            model.language_model.load_state_dict(load_checkpoint(out / "lm" / "final").model.state_dict())
-    for stage in llava_stages:
-        convs, conv_skips = read_llava(train_paths[stage.data], data_dir)
-        skips.merge(conv_skips)
+            # A NaViT tower starts from the ViT, a visual expert from the LLM's text weights.
+            model.load_pretrained_parts(load_checkpoint(source / "clip" / "final").model.vision_model.state_dict(),
+                                        load_checkpoint(source / "lm" / "final").model.state_dict())
+            load_stage_modules(model, out / preset.folder, preset.init_from_stages)
+    for stage in lvlm_stages:
+        convs = read_stage_conversations(train_paths, stage.data, data_dir, skips)
         if stage.group_by_image:
             convs = group_by_image(convs, seed=seed)
-        dataset = ConversationDataset(convs, tokenizer, preset.template, images, model.num_image_tokens,
-                                      stage.max_length)
+        template = stage_template(preset, stage.data) if preset.task_by_data else preset.template
+        dataset = ConversationDataset(convs, tokenizer, template, images, model.num_image_tokens, stage.max_length)
         run(model, stage, ConversationTask(dataset, packing=stage.packing, objectives=stage.objectives),
-            out / "llava" / stage.name)
-    last = out / "llava" / llava_stages[-1].name / "final" if llava_stages else None
+            out / preset.folder / stage.name)
+    last = out / preset.folder / lvlm_stages[-1].name / "final" if lvlm_stages else None
     return PipelineResult(model=model, tokenizer=tokenizer, stages=results, skips=skips, checkpoint=last)
+
+
+# Derived training sets a preset registers by name (Vary-tiny's prompt-free reading data):
+# name → (data_dir, split, skips) → conversations.
+STAGE_DATA: dict[str, Callable[[Path, str, SkipStats], list[Conversation]]] = {}
+
+
+def read_stage_conversations(
+    paths: dict[str, Path], data: str, data_dir: Path, skips: SkipStats
+) -> list[Conversation]:
+    """The conversations of a stage's data: a LLaVA-format file of the split (`paths`:
+    "llava_pretrain", "llava_instruct"), a reading-task file of the split
+    (`tessera.data.shapes_reading`: "rec_cogvlm", "ocr", "chart", ...), a derived set
+    registered in `STAGE_DATA`, or several of these joined by "+" (one mixed set). A part
+    ending in "?" is optional: left out, and counted in `skips`, when the data set lacks its
+    file (the reading tasks are a generation step of their own)."""
+    split = next(iter(paths.values())).parent.name
+    files = {**reading_task_paths(data_dir, split), **paths}
+    convs: list[Conversation] = []
+    for part in data.split("+"):
+        name, optional = part.removesuffix("?"), part.endswith("?")
+        if name in STAGE_DATA:
+            convs += STAGE_DATA[name](data_dir, split, skips)
+            continue
+        if name not in files:
+            raise ValueError(f"stage data {name!r} is not a conversation file of the dataset; "
+                             f"known: {sorted(files) + sorted(STAGE_DATA)}")
+        if not files[name].is_file():
+            if optional:
+                skips.skip("optional stage data missing", str(files[name]))
+                continue
+            hint = "" if name in paths else " (write the reading tasks with `tessera data reading --root DIR`)"
+            raise FileNotFoundError(f"stage data {name!r}: {files[name]} does not exist{hint}")
+        part_convs, conv_skips = read_llava(files[name], data_dir)
+        skips.merge(conv_skips)
+        convs += part_convs
+    return convs
 
 
 def evaluate_shapes_vqa(

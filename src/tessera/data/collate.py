@@ -154,3 +154,25 @@ def pack_collate(samples: Iterable[Sample | Mapping[str, Any] | None], pad_id: i
         num_samples=len(batch),
         num_target_tokens=int((targets != IGNORE_INDEX).sum()),
     )
+
+
+def share_image_positions(position_ids: torch.Tensor, is_image: torch.Tensor) -> torch.Tensor:
+    """CogVLM's position ids: all image tokens of one image share ONE position id (the id of
+    the image's first token) and the tokens after the image continue from it + 1.
+
+    position_ids (B, L) as the collators (or generation) make them: restarting at 0 for every
+    sample, padded or packed; is_image (B, L) bool. A run of consecutive image tokens is one
+    image (two images with nothing between them would share one id; templates put text or
+    markers between images). The first token of a sample (position 0) and padding are never
+    shifted, so the shift restarts with every sample of a packed row. The released CogVLM code
+    gives the first and last image token their own ids; the paper's rule is used here.
+    Returns a new (B, L) long tensor.
+    """
+    if position_ids.shape != is_image.shape:
+        raise ValueError(f"position_ids {tuple(position_ids.shape)} and is_image {tuple(is_image.shape)} differ in shape")
+    repeat = torch.zeros_like(is_image, dtype=torch.bool)
+    repeat[:, 1:] = is_image[:, 1:] & is_image[:, :-1] & (position_ids[:, 1:] != 0)
+    saved = repeat.long().cumsum(1)  # ids saved so far along the row
+    index = torch.arange(position_ids.shape[1], device=position_ids.device).expand_as(position_ids)
+    sample_start = torch.where(position_ids == 0, index, torch.zeros_like(index)).cummax(1).values
+    return position_ids - (saved - saved.gather(1, sample_start))

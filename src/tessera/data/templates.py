@@ -10,11 +10,15 @@ produce to finish its answer), and IGNORE_INDEX elsewhere. The collator does the
 
 Each "<image>" in a user message becomes a run of `image_token_counts[k]` image tokens, the
 count the model reports for the k-th image, so features can later be scattered in 1:1.
+A template may wrap every run in marker strings (`image_prefix` / `image_suffix`: Qwen-VL's
+"<img>…</img>", MiniGPT-v2's "<Img>…</Img>") and may carry a task identifier (MiniGPT-v2's
+"[vqa]", "[caption]", ...: `with_task`) that opens the first user message after its images.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -39,6 +43,10 @@ class ChatTemplate:
     The system block is `system_prefix + system + system_suffix`, present only when the system
     prompt (a leading system turn, else `default_system`) is not empty. `assistant_suffix`
     must contain `stop`; the suffix up to and including `stop` is labelled, the rest is not.
+
+    Every image's run of image tokens is wrapped as image_prefix run image_suffix. When `task`
+    is set (one of `task_identifiers`), the first user message becomes
+    "<image>… [task] message" (images first, then the identifier, then the text).
     """
 
     name: str
@@ -53,8 +61,17 @@ class ChatTemplate:
     add_bos: bool = False
     system_inside_first_user: bool = False
     default_system: str = ""
+    image_prefix: str = ""
+    image_suffix: str = ""
+    task_identifiers: tuple[str, ...] = ()
+    task: str = ""
 
     def __post_init__(self) -> None:
+        if self.task and self.task not in self.task_identifiers:
+            raise ValueError(
+                f"template {self.name!r}: task {self.task!r} is not one of its task identifiers "
+                f"{list(self.task_identifiers)}"
+            )
         if not self.stop or self.stop not in self.assistant_suffix:
             raise ValueError(
                 f"template {self.name!r}: stop {self.stop!r} must occur in assistant_suffix "
@@ -69,6 +86,8 @@ class ChatTemplate:
             self.system_suffix,
             self.turn_separator,
             self.default_system,
+            self.image_prefix,
+            self.image_suffix,
         )
         if any(IMAGE_TOKEN in f for f in fragments):
             raise ValueError(
@@ -123,6 +142,65 @@ TEMPLATES: dict[str, ChatTemplate] = {
         assistant_suffix="<|im_end|>\n",
         stop="<|im_end|>",
     ),
+    # MiniGPT-v2 (LLaMA-2-chat): "[INST] <Img><ImageHere></Img> [task] instruction [/INST]";
+    # pick the task with `with_task` (none for non-visual instructions).
+    "minigpt_v2": ChatTemplate(
+        name="minigpt_v2",
+        add_bos=True,
+        system_prefix="<<SYS>>\n",
+        system_suffix="\n<</SYS>>\n\n",
+        system_inside_first_user=True,
+        user_prefix="[INST] ",
+        user_suffix=" ",
+        assistant_prefix="[/INST] ",
+        assistant_suffix=" </s>",
+        stop="</s>",
+        turn_separator=BOS_TOKEN,
+        image_prefix="<Img>",
+        image_suffix="</Img>",
+        task_identifiers=("vqa", "caption", "grounding", "refer", "identify", "detection"),
+    ),
+    # Qwen-VL-Chat: ChatML with every image wrapped in <img> … </img>.
+    "qwen_vl": ChatTemplate(
+        name="qwen_vl",
+        system_prefix="<|im_start|>system\n",
+        system_suffix="<|im_end|>\n",
+        user_prefix="<|im_start|>user\n",
+        user_suffix="<|im_end|>\n",
+        assistant_prefix="<|im_start|>assistant\n",
+        assistant_suffix="<|im_end|>\n",
+        stop="<|im_end|>",
+        image_prefix="<img>",
+        image_suffix="</img>",
+    ),
+    # BLIP-2 (Tessera's, for a LLaMA-family LM): "<s>" + the Q-Former's query outputs + the text
+    # "\n{question} Answer: {answer}</s>". The image opens the user message, so scattering the
+    # queries into its placeholders equals BLIP-2's prepending them to the text embeddings.
+    "blip2": ChatTemplate(
+        name="blip2",
+        add_bos=True,
+        system_suffix=" ",
+        user_prefix="",
+        user_suffix=" ",
+        assistant_prefix="Answer: ",
+        assistant_suffix="</s>",
+        stop="</s>",
+        turn_separator=" ",
+    ),
+    # MiniGPT-4 (Vicuna v0 style): "###Human: <Img>…</Img> {instruction} ###Assistant: {answer}";
+    # Tessera stops at </s> where MiniGPT-4 stops at "###".
+    "minigpt4": ChatTemplate(
+        name="minigpt4",
+        add_bos=True,
+        system_suffix=" ",
+        user_prefix="###Human: ",
+        user_suffix=" ",
+        assistant_prefix="###Assistant: ",
+        assistant_suffix="</s>",
+        stop="</s>",
+        image_prefix="<Img>",
+        image_suffix="</Img>",
+    ),
 }
 
 
@@ -170,6 +248,17 @@ def _split_system(template: ChatTemplate, turns: Sequence[Turn]) -> tuple[str, S
     return system, dialogue
 
 
+_LEADING_IMAGES = re.compile(rf"^((?:\s*{re.escape(IMAGE_TOKEN)})*)\s*", re.S)
+
+
+def _tag_task(text: str, task: str) -> str:
+    """"<image>\nquestion" → "<image> [task] question"; without images "[task] question"."""
+    match = _LEADING_IMAGES.match(text)
+    images = IMAGE_TOKEN * match.group(1).count(IMAGE_TOKEN)
+    rest = text[match.end() :]
+    return f"{images} [{task}] {rest}" if images else f"[{task}] {rest}"
+
+
 def _fragments(
     template: ChatTemplate, turns: Sequence[Turn], add_generation_prompt: bool
 ) -> list[_Fragment]:
@@ -197,7 +286,8 @@ def _fragments(
             fragments.append(_Fragment(template.user_prefix, "template"))
             if position == 0 and template.system_inside_first_user:
                 fragments += system_block
-            fragments.append(_Fragment(turn.text, "user"))
+            text = _tag_task(turn.text, template.task) if position == 0 and template.task else turn.text
+            fragments.append(_Fragment(text, "user"))
             fragments.append(_Fragment(template.user_suffix, "template"))
         else:
             fragments.append(_Fragment(template.assistant_prefix, "template"))
@@ -210,14 +300,19 @@ def _fragments(
 
 
 def render_text(template: ChatTemplate | str, turns: Sequence[Turn]) -> str:
-    """The conversation as plain text, image placeholders left as "<image>"."""
+    """The conversation as plain text, image placeholders left as "<image>" (inside the
+    template's image markers, if it has any)."""
+    template = _resolve(template)
+    wrapped = template.image_prefix + IMAGE_TOKEN + template.image_suffix
     return "".join(
-        f.text for f in _fragments(_resolve(template), turns, add_generation_prompt=False)
+        f.text.replace(IMAGE_TOKEN, wrapped) if f.role == "user" else f.text
+        for f in _fragments(template, turns, add_generation_prompt=False)
     )
 
 
 def _encode_fragments(
-    tokenizer: Tokenizer, fragments: Sequence[_Fragment], image_token_counts: Sequence[int]
+    tokenizer: Tokenizer, fragments: Sequence[_Fragment], image_token_counts: Sequence[int],
+    image_wrap: tuple[str, str] = ("", ""),
 ) -> tuple[list[int], list[int], list[tuple[int, int]]]:
     """Ids, unshifted labels and the [start, end) span of every image run."""
     for fragment in fragments:
@@ -238,6 +333,8 @@ def _encode_fragments(
     labels: list[int] = []
     image_spans: list[tuple[int, int]] = []
     next_image = 0
+    wrap_before = tokenizer.encode(image_wrap[0]) if image_wrap[0] else []
+    wrap_after = tokenizer.encode(image_wrap[1]) if image_wrap[1] else []
     for fragment in fragments:
         if fragment.role != "user":
             ids = tokenizer.encode(fragment.text)
@@ -249,9 +346,11 @@ def _encode_fragments(
             if piece_index > 0:
                 run = image_token_counts[next_image]
                 next_image += 1
+                input_ids += wrap_before
                 image_spans.append((len(input_ids), len(input_ids) + run))
                 input_ids += [tokenizer.image_id] * run
-                labels += [IGNORE_INDEX] * run
+                input_ids += wrap_after
+                labels += [IGNORE_INDEX] * (len(wrap_before) + run + len(wrap_after))
             if piece:
                 ids = tokenizer.encode(piece)
                 input_ids += ids
@@ -271,8 +370,10 @@ def encode_conversation(
     Sequences longer than `max_length` are cut at the end, unless the cut would remove any
     image token (the image's features could no longer be placed) or every label.
     """
-    fragments = _fragments(_resolve(template), turns, add_generation_prompt=False)
-    input_ids, labels, image_spans = _encode_fragments(tokenizer, fragments, image_token_counts)
+    template = _resolve(template)
+    fragments = _fragments(template, turns, add_generation_prompt=False)
+    input_ids, labels, image_spans = _encode_fragments(
+        tokenizer, fragments, image_token_counts, (template.image_prefix, template.image_suffix))
     if max_length is not None and len(input_ids) > max_length:
         for image_index, (start, end) in enumerate(image_spans):
             if end > max_length:
@@ -301,8 +402,10 @@ def encode_prompt(
     The result is exactly a prefix of what `encode_conversation` produces once the answer is
     appended, so the model continues the same token sequence it was trained on.
     """
-    fragments = _fragments(_resolve(template), turns, add_generation_prompt=True)
-    input_ids, _, _ = _encode_fragments(tokenizer, fragments, image_token_counts)
+    template = _resolve(template)
+    fragments = _fragments(template, turns, add_generation_prompt=True)
+    input_ids, _, _ = _encode_fragments(
+        tokenizer, fragments, image_token_counts, (template.image_prefix, template.image_suffix))
     return input_ids
 
 
@@ -321,3 +424,10 @@ def stop_token_ids(tokenizer: Tokenizer, template: ChatTemplate | str) -> list[i
 def with_system(template: ChatTemplate | str, system: str) -> ChatTemplate:
     """A copy of `template` whose default system prompt is `system`."""
     return dataclasses.replace(_resolve(template), default_system=system)
+
+
+def with_task(template: ChatTemplate | str, task: str | None) -> ChatTemplate:
+    """A copy of `template` that opens the first user message with the task identifier
+    "[task]" (MiniGPT-v2); None or "" for none. Raises ValueError for a task the template
+    does not know (a template without identifiers accepts only None / "")."""
+    return dataclasses.replace(_resolve(template), task=task or "")

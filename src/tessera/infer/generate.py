@@ -40,10 +40,11 @@ def _decoder(model: nn.Module) -> LlamaDecoder:
     return model.language_model if isinstance(model, LVLM) else model
 
 
-def _embed(model: nn.Module, ids: Tensor, images: Sequence[Tensor]) -> Tensor:
+def _embed(model: nn.Module, ids: Tensor, images: Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
+    """Prompt embeddings and the image-token mask (None without an LVLM)."""
     if isinstance(model, LVLM):
-        return model.embed(ids, images)[0]
-    return model.embed_tokens(ids)
+        return model.embed(ids, images)
+    return model.embed_tokens(ids), None
 
 
 def sample_next(logits: Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> Tensor:
@@ -95,7 +96,7 @@ def generate(
     finished = [False] * b
     out: list[list[int]] = [[] for _ in range(b)]
 
-    embeds = _embed(model, ids, images)
+    embeds, is_image = _embed(model, ids, images)
     total = longest + config.max_new_tokens
     cache = decoder.new_cache(b, total, embeds.dtype) if use_cache else None
     # Real-token mask over the prompt and every position to come (new tokens are all real):
@@ -103,12 +104,14 @@ def generate(
     full_mask = torch.ones(b, total, dtype=torch.bool, device=device)
     full_mask[:, :longest] = mask
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    if is_image is not None:  # CogVLM: one position per image; later tokens continue from the last
+        positions = model.position_ids(positions, is_image)
     # The prefill's last layer runs only for the last column, the one position read next
     # (the uncached path stays the full computation the tests compare against).
     last = torch.zeros_like(mask)
     last[:, -1] = True
     hidden = decoder(inputs_embeds=embeds, position_ids=positions, attention_mask=mask, kv_cache=cache,
-                     keep=last if cache is not None else None)
+                     keep=last if cache is not None else None, modality_mask=is_image)
     hidden = hidden if hidden.dim() == 2 else hidden[:, -1]  # (B, E)
     next_pos = positions[:, -1:]
     length = longest
@@ -135,6 +138,9 @@ def generate(
         else:
             positions = torch.cat([positions, next_pos], dim=1)
             embeds = torch.cat([embeds, new_embed], dim=1)
-            hidden = decoder(inputs_embeds=embeds, position_ids=positions, attention_mask=full_mask[:, :length])
+            if is_image is not None:  # generated tokens are text
+                is_image = torch.cat([is_image, torch.zeros_like(next_pos, dtype=torch.bool)], dim=1)
+            hidden = decoder(inputs_embeds=embeds, position_ids=positions, attention_mask=full_mask[:, :length],
+                             modality_mask=is_image)
         hidden = hidden[:, -1]
     return out

@@ -14,6 +14,11 @@ What each model kind becomes:
 
 A model transformers cannot express (e.g. a ViT mixing CLIP and SigLIP options) raises
 ValueError naming the option. The folder is written atomically (see atomic_directory).
+
+LoRA adapters (tessera.nn.lora) of lvlm and llama checkpoints are merged into the exported
+weights, or, with `adapter_out`, written there in the PEFT adapter format (adapter_config.json,
+adapter_model.safetensors with PEFT's key names) next to the un-merged base model, so that
+`peft.PeftModel.from_pretrained(transformers_model, adapter_out)` computes what Tessera does.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from tessera.interop.hf_keys import (
 )
 from tessera.interop.hf_tokenizer import chat_template_jinja, save_hf_tokenizer, special_token_ids
 from tessera.models.lvlm import LVLM
+from tessera.nn.lora import LoraConfig, lora_config, lora_state_dict, merge_lora, remove_lora
 from tessera.text.tokenizer import Tokenizer
 from tessera.train.checkpoint import Checkpoint, atomic_directory, load_checkpoint
 from tessera.vision.vit import ViTConfig
@@ -214,11 +220,81 @@ _EXPORTERS: dict[str, Callable[[Checkpoint, Path], None]] = {
 }
 
 
-def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
-    """Write the Tessera checkpoint at `checkpoint` as a Hugging Face folder at `out`."""
+PEFT_ADAPTER_CONFIG = "adapter_config.json"
+PEFT_ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model."  # PeftModel wraps the transformers model under this path
+
+
+def peft_module_name(kind: str, name: str) -> str:
+    """A Tessera module path → the module path in the transformers model `export_hf` writes
+    (the module layout of transformers ≥ 4.52: LLaVA's decoder under model.language_model)."""
+    if kind == "lvlm":
+        part, _, rest = name.partition(".")
+        if part == "language_model":
+            return "lm_head" if rest == "lm_head" else f"model.language_model.{rest}"
+        if part == "connector":
+            return f"model.multi_modal_projector.{rest}"
+    elif kind == "llama":
+        return name if name == "lm_head" else f"model.{name}"
+    raise ValueError(f"LoRA on {name!r} of a {kind} model has no PEFT export (supported: the language model "
+                     "and the connector of lvlm checkpoints, any layer of llama checkpoints)")
+
+
+def peft_adapter(model: torch.nn.Module, kind: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """(adapter_config.json contents, adapter_model.safetensors tensors) of the model's LoRA."""
+    config: LoraConfig | None = lora_config(model)
+    if config is None:
+        raise ValueError("the model carries no LoRA adapters")
+    state: dict[str, Tensor] = {}
+    targets: list[str] = []
+    for key, value in lora_state_dict(model).items():
+        module, _, leaf = key.removesuffix(".weight").rpartition(".")  # leaf: lora_A / lora_B
+        hf_module = peft_module_name(kind, module)
+        state[f"{_PEFT_PREFIX}{hf_module}.{leaf}.weight"] = value.detach().contiguous()
+        if leaf == "lora_A":
+            targets.append(hf_module)
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": None,
+        "r": config.rank,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        # Full module paths: PEFT matches a name equal to an entry (or ending in "." + entry).
+        "target_modules": sorted(targets),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    return peft_config, state
+
+
+def export_hf(checkpoint: str | Path, out: str | Path, adapter_out: str | Path | None = None) -> Path:
+    """Write the Tessera checkpoint at `checkpoint` as a Hugging Face folder at `out`. A
+    checkpoint with LoRA adapters is exported merged, or, with `adapter_out`, as the base model
+    at `out` plus a PEFT adapter folder at `adapter_out`."""
     ckpt = load_checkpoint(checkpoint)
     if ckpt.kind not in _EXPORTERS:
         raise ValueError(f"{checkpoint}: model kind {ckpt.kind!r} has no Hugging Face export")
-    with torch.no_grad(), atomic_directory(out) as tmp:
-        _EXPORTERS[ckpt.kind](ckpt, tmp)
+    if adapter_out is not None and lora_config(ckpt.model) is None:
+        raise ValueError(f"{checkpoint}: no LoRA adapters in this checkpoint, nothing to write to {adapter_out}")
+    with torch.no_grad():
+        if adapter_out is not None:
+            peft_config, peft_state = peft_adapter(ckpt.model, ckpt.kind)
+            with atomic_directory(adapter_out) as tmp:
+                _write_json(tmp / PEFT_ADAPTER_CONFIG, peft_config)
+                _write_weights(tmp / PEFT_ADAPTER_WEIGHTS, peft_state)
+            remove_lora(ckpt.model)
+        elif lora_config(ckpt.model) is not None:
+            merge_lora(ckpt.model)
+        with atomic_directory(out) as tmp:
+            _EXPORTERS[ckpt.kind](ckpt, tmp)
     return Path(out)

@@ -13,6 +13,9 @@ Supported architectures and what they become (registry kind):
     SiglipModel                                                SigLIPDualEncoder ("siglip_dual_encoder")
     LlavaForConditionalGeneration (CLIP or SigLIP tower, linear or MLP projector,
         LLaMA / Mistral / Qwen2 LM)                           LVLM ("lvlm")
+    BertModel                                                  text.bert.BertModel ("bert")
+    Blip2ForConditionalGeneration (LLaMA / Mistral / Qwen2 LM; OPT and T5 raise)
+                                                               LVLM with a Q-Former connector ("lvlm")
 
 Nothing is skipped silently: an unsupported architecture or config value, a missing shard, a
 tensor whose dtype is not a float format, or a checkpoint whose keys or shapes do not match
@@ -36,6 +39,12 @@ from tessera.config import Config
 from tessera.data.images import CLIP_MEAN, CLIP_STD
 from tessera.data.templates import TemplateError, get_template, stop_token_ids
 from tessera.interop.hf_keys import (
+    bert_config_from_hf,
+    bert_config_from_weights,
+    bert_state_dict_from_hf,
+    blip2_config_from_hf,
+    blip2_config_from_weights,
+    blip2_state_dict_from_hf,
     clip_dual_encoder_config_from_hf,
     clip_text_config_from_hf,
     clip_text_state_dict_from_hf,
@@ -61,6 +70,7 @@ from tessera.interop.hf_tokenizer import (
 from tessera.models.dual_encoder import DualEncoder, SigLIPDualEncoder
 from tessera.models.lvlm import LVLM
 from tessera.models.registry import kind_of
+from tessera.text.bert import BertModel
 from tessera.text.clip_text import CLIPTextTransformer
 from tessera.text.llama import LlamaDecoder
 from tessera.text.tokenizer import IMAGE_TOKEN, TOKENIZER_FILE, Tokenizer
@@ -82,8 +92,8 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 # Architectures Tessera cannot build yet, with what is missing.
 _NOT_YET_SUPPORTED = {
-    "Bert": "a BERT-style text encoder, which Tessera does not have yet",
-    "Blip2": "BLIP-2's Q-Former, which Tessera does not have yet",
+    "Bert": "a BERT head Tessera does not import; only BertModel (the encoder) is supported",
+    "Blip2": "a BLIP-2 class Tessera does not import; only Blip2ForConditionalGeneration is supported",
 }
 
 
@@ -97,6 +107,9 @@ class _Family:
     model_cls: Callable[[Any], nn.Module]
     state_from_hf: Callable[[Mapping[str, Tensor], Any], dict[str, Tensor]]
     default_image_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    # What the config leaves open and the weights settle (BERT's pooler, BLIP-2's text FFNs).
+    config_from_weights: Callable[[Any, Mapping[str, Tensor]], Any] | None = None
+    default_template: str | None = None  # the family's chat template when the folder names none
 
 
 def _decoder_state(hf_state: Mapping[str, Tensor], cfg: Any) -> dict[str, Tensor]:
@@ -134,6 +147,15 @@ ARCHITECTURES: dict[str, _Family] = {
         lambda s, _: dual_encoder_state_dict_from_hf(s), _SIGLIP_STATS,
     ),
     "LlavaForConditionalGeneration": _Family(lvlm_config_from_hf, LVLM, lvlm_state_dict_from_hf),
+    "BertModel": _Family(
+        bert_config_from_hf, BertModel, lambda s, _: bert_state_dict_from_hf(s),
+        config_from_weights=bert_config_from_weights,
+    ),
+    # BLIP-2 with a LLaMA-family language model (OPT / T5 language models raise).
+    "Blip2ForConditionalGeneration": _Family(
+        blip2_config_from_hf, LVLM, blip2_state_dict_from_hf, _CLIP_STATS,
+        config_from_weights=blip2_config_from_weights, default_template="blip2",
+    ),
 }
 
 # A config.json without "architectures" is read by its model_type.
@@ -148,6 +170,8 @@ _ARCHITECTURE_OF_MODEL_TYPE = {
     "siglip_text_model": "SiglipTextModel",
     "siglip": "SiglipModel",
     "llava": "LlavaForConditionalGeneration",
+    "bert": "BertModel",
+    "blip-2": "Blip2ForConditionalGeneration",
 }
 
 
@@ -297,7 +321,8 @@ def _image_meta(
 
 
 def _choose_template(
-    folder: Path, d: Mapping[str, Any], tokenizer: Tokenizer | None, template: str | None, notes: list[str]
+    folder: Path, d: Mapping[str, Any], tokenizer: Tokenizer | None, template: str | None, notes: list[str],
+    family_default: str | None = None,
 ) -> str:
     """The requested template, else the one a Tessera export wrote, else the family's usual one."""
     if template is not None:
@@ -308,7 +333,7 @@ def _choose_template(
         image_token = tokenizer.special_tokens["image"] if tokenizer is not None else IMAGE_TOKEN
         recognised = template_from_jinja(shipped, image_token) if shipped else None
         text = d.get("text_config") or d
-        chosen = recognised or ("chatml" if text.get("model_type") == "qwen2" else "vicuna")
+        chosen = recognised or family_default or ("chatml" if text.get("model_type") == "qwen2" else "vicuna")
         if recognised is None:
             found = "is not one Tessera wrote" if shipped else "is absent"
             notes.append(f"the chat template {found}; using Tessera's {chosen!r} (choose with --template or template=)")
@@ -336,8 +361,10 @@ def load_hf(
         cfg = family.config_from_hf(d)
     except ValueError as err:
         raise HFImportError(f"{folder / CONFIG_FILE}: {err}") from None
-    model = family.model_cls(cfg)
     hf_state, files, weights_source = read_hf_weights(folder, dtype)
+    if family.config_from_weights is not None:
+        cfg = family.config_from_weights(cfg, hf_state)
+    model = family.model_cls(cfg)
     try:
         state = family.state_from_hf(hf_state, cfg)
     except ValueError as err:
@@ -363,7 +390,7 @@ def load_hf(
     meta: dict[str, Any] = {"source": str(folder.resolve()), "hf_architecture": architecture}
     decoder = model.language_model if isinstance(model, LVLM) else model
     if isinstance(decoder, LlamaDecoder):
-        meta["template"] = _choose_template(folder, d, tokenizer, template, notes)
+        meta["template"] = _choose_template(folder, d, tokenizer, template, notes, family.default_template)
         if tokenizer is not None and tokenizer.vocab_size > decoder.cfg.vocab_size:
             notes.append(
                 f"the tokenizer has {tokenizer.vocab_size} tokens but the embedding only "

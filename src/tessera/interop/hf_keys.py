@@ -20,6 +20,12 @@ mapping is a prefix rule per family:
   (the hub's layout, which save_pretrained still writes); transformers >= 5's in-memory
   layout ("model.vision_tower.X", "model.language_model.X", "lm_head.weight", ...) is
   accepted too.
+- BERT (BertModel -> text.bert.BertModel): the same keys ("bert." prefix optional).
+- BLIP-2 (Blip2ForConditionalGeneration with a LLaMA-family LM -> LVLM with a Q-Former
+  connector): "vision_model.X" -> "vision_tower.X" (fused qkv split into q/k/v_proj,
+  projection -> out_proj), its post_layernorm also -> "connector.ln_vision";
+  "query_tokens", "qformer.X", "language_projection.X" -> "connector.…" unchanged;
+  "language_model.model.X" / "language_model.lm_head.weight" -> "language_model.…".
 
 The config functions translate a Hugging Face config dict (config.json, or
 `PretrainedConfig.to_dict()`) into the Tessera config of the same computation, and back
@@ -34,6 +40,7 @@ must match, and a mismatch is reported with the source file and the offending ke
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -41,9 +48,11 @@ import torch
 from torch import Tensor, nn
 
 from tessera.connectors.projector import ProjectorConfig
+from tessera.connectors.qformer import QFormerConfig
 from tessera.models.dual_encoder import DualEncoderConfig, SigLIPDualEncoderConfig
 from tessera.models.lvlm import LVLMConfig
 from tessera.nn.layers import Activation
+from tessera.text.bert import BertConfig
 from tessera.text.clip_text import CLIPTextConfig
 from tessera.text.llama import LlamaConfig
 from tessera.vision.vit import ViTConfig
@@ -57,7 +66,7 @@ EMBED_KEY = "embed_tokens.weight"
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
 
 # Buffers that older checkpoints saved but both libraries recompute at construction.
-_DERIVED_BUFFER_SUFFIXES = ("rotary_emb.inv_freq", "embeddings.position_ids")
+_DERIVED_BUFFER_SUFFIXES = ("rotary_emb.inv_freq", "embeddings.position_ids", "embeddings.token_type_ids")
 
 # Top-level parts of a whole CLIPModel / SiglipModel checkpoint; a tower's loader skips the others.
 _CLIP_MODEL_PARTS = (
@@ -722,9 +731,21 @@ def _drop_identity_layer(projector: dict[str, Tensor], dim: int) -> None:
         )
 
 
+def _check_llava_parts(cfg: LVLMConfig) -> None:
+    """LLaVA has one ViT tower and a plain decoder: refuse the LVLM parts it cannot express."""
+    extras = [what for what, present in (
+        (f"a {getattr(cfg.vision, 'kind', 'vit')!r} vision tower", not isinstance(cfg.vision, ViTConfig)),
+        ("extra vision towers", bool(cfg.extra_towers)), ("a visual expert", cfg.llm.visual_expert),
+        ("shared image positions", cfg.image_positions != "per_token"),
+        ("vision_image_size", cfg.vision_image_size is not None)) if present]
+    if extras:
+        raise ValueError(f"Hugging Face's LlavaForConditionalGeneration cannot express {', '.join(extras)}")
+
+
 def lvlm_state_dict_to_hf(state: Mapping[str, Tensor], cfg: LVLMConfig) -> dict[str, Tensor]:
     """LVLM state dict → LlavaForConditionalGeneration keys in the hub's layout. A linear
     connector gets the identity second layer Hugging Face's projector needs."""
+    _check_llava_parts(cfg)
     hf_state: dict[str, Tensor] = {}
     decoder: dict[str, Tensor] = {}
     for key, value in state.items():
@@ -887,6 +908,13 @@ def siglip_config_to_hf(cfg: SigLIPDualEncoderConfig) -> dict[str, Any]:
 def lvlm_config_to_hf(cfg: LVLMConfig) -> dict[str, Any]:
     """LVLMConfig → a LlavaConfig dict. Tessera's "patch" selection is LLaVA's "default" for a
     tower with a class token and "full" (nothing to drop) for one without."""
+    _check_llava_parts(cfg)
+    if not isinstance(cfg.connector, ProjectorConfig) or cfg.tiling is not None:
+        raise ValueError(
+            f"only LLaVA-style LVLMs (linear or MLP projector, no tiling) export to Hugging Face's "
+            f"LlavaForConditionalGeneration; this one has a {cfg.connector.kind!r} connector"
+            + (" and tiling" if cfg.tiling is not None else "")
+        )
     vision = vit_config_to_hf(cfg.vision)
     text = llama_config_to_hf(cfg.llm)
     drops_class_token = cfg.vision_feature_select == "patch" and cfg.vision.class_token
@@ -903,3 +931,239 @@ def lvlm_config_to_hf(cfg: LVLMConfig) -> dict[str, Any]:
         "vision_feature_select_strategy": "default" if drops_class_token else "full",
         "tie_word_embeddings": cfg.llm.tie_word_embeddings,
     }
+
+
+# ------------------------------------------------------------------ BERT and BLIP-2 (import)
+
+# BertConfig defaults (config.json files often store only what differs).
+_HF_BERT_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 30522,
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "hidden_act": "gelu",
+    "max_position_embeddings": 512,
+    "type_vocab_size": 2,
+    "layer_norm_eps": 1e-12,
+}
+BERT_PREFIX = "bert."  # BertFor* checkpoints nest the BertModel under it
+BERT_POOLER_KEY = "pooler.dense.weight"
+
+# Blip2VisionConfig / Blip2QFormerConfig defaults.
+_HF_BLIP2_VISION_DEFAULTS: dict[str, Any] = {
+    "hidden_size": 1408,
+    "intermediate_size": 6144,
+    "num_hidden_layers": 39,
+    "num_attention_heads": 16,
+    "image_size": 224,
+    "patch_size": 14,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-6,
+    "qkv_bias": True,
+}
+_HF_BLIP2_QFORMER_DEFAULTS: dict[str, Any] = {
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-12,
+    "cross_attention_frequency": 2,
+    "encoder_hidden_size": 1408,
+    "use_qformer_text_input": False,
+}
+BLIP2_VISION_PREFIX = "vision_model."
+BLIP2_QFORMER_PARTS = ("query_tokens", "qformer.")
+BLIP2_PROJECTION_PREFIX = "language_projection."
+BLIP2_DECODER_PREFIX = "language_model.model."
+BLIP2_HEAD_KEY = "language_model.lm_head.weight"
+_BLIP2_TEXT_FFN = re.compile(r"^qformer\.encoder\.layer\.\d+\.(intermediate|output)\.")
+
+
+def bert_config_from_hf(d: Mapping[str, Any]) -> BertConfig:
+    """A BertConfig dict → Tessera BertConfig (a bidirectional encoder with BERT's pooler).
+
+    Only BertModel's encoder computation is expressed: a decoder (`is_decoder`), cross-attention
+    (`add_cross_attention`) and relative position embeddings raise, naming the key. Whether the
+    checkpoint holds the pooler is read from the weights (`bert_config_from_weights`)."""
+    family = d.get("model_type", "bert")
+    if family != "bert":
+        raise ValueError(f"config key 'model_type' = {family!r} is not 'bert'")
+    d = {**_HF_BERT_DEFAULTS, **d}
+    for key in ("is_decoder", "add_cross_attention"):
+        if d.get(key):
+            raise ValueError(f"config key {key!r} = True is not supported (only BertModel as an encoder)")
+    position = d.get("position_embedding_type", "absolute")
+    if position != "absolute":
+        raise ValueError(f"config key 'position_embedding_type' = {position!r} is not supported (only 'absolute')")
+    return BertConfig(
+        vocab_size=d["vocab_size"],
+        hidden_size=d["hidden_size"],
+        num_layers=d["num_hidden_layers"],
+        num_heads=d["num_attention_heads"],
+        intermediate_size=d["intermediate_size"],
+        max_position_embeddings=d["max_position_embeddings"],
+        type_vocab_size=d["type_vocab_size"],
+        layer_norm_eps=d["layer_norm_eps"],
+        act=_activation(d, "gelu"),
+        pooler=True,
+    )
+
+
+def _bert_keys(hf_state: Mapping[str, Tensor]) -> list[str]:
+    return [k for k in hf_state if not is_derived_buffer(k)]
+
+
+def bert_config_from_weights(cfg: BertConfig, hf_state: Mapping[str, Tensor]) -> BertConfig:
+    """The pooler exists exactly when the checkpoint holds it (BertModel(add_pooling_layer=False)
+    saves none)."""
+    has_pooler = any(k.removeprefix(BERT_PREFIX) == BERT_POOLER_KEY for k in _bert_keys(hf_state))
+    return cfg.model_copy(update={"pooler": has_pooler})
+
+
+def bert_state_dict_from_hf(hf_state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A BertModel checkpoint → Tessera BertModel state dict: the same names, minus an optional
+    "bert." prefix (the layout of BertModel inside BertFor* models)."""
+    keys = _bert_keys(hf_state)
+    prefixed = all(k.startswith(BERT_PREFIX) for k in keys)
+    return {(k[len(BERT_PREFIX) :] if prefixed else k): hf_state[k] for k in keys}
+
+
+def blip2_vision_config_from_hf(d: Mapping[str, Any]) -> ViTConfig:
+    """A Blip2VisionConfig dict → ViTConfig: class token, no pre-norm, biased patch embedding,
+    post_layernorm over every token (Hugging Face's last_hidden_state, which feeds the Q-Former)."""
+    d = {**_HF_BLIP2_VISION_DEFAULTS, **d}
+    return ViTConfig(
+        image_size=_square(d, "image_size"),
+        patch_size=_square(d, "patch_size"),
+        **_encoder_dims(d),
+        act=_activation(d, "gelu"),
+        layer_norm_eps=d["layer_norm_eps"],
+        class_token=True,
+        pre_layernorm=False,
+        patch_bias=True,
+        post_layernorm_on="all_tokens",
+    )
+
+
+def blip2_vision_state_dict_from_hf(hf_state: Mapping[str, Tensor], hidden_size: int) -> dict[str, Tensor]:
+    """Blip2VisionModel keys (without "vision_model.") → VisionTransformer keys.
+
+    The fused qkv projection is split into q_proj / k_proj / v_proj (a checkpoint without
+    qkv.bias, qkv_bias=False, gets zero biases, which compute the same), `projection` is
+    out_proj, and the (1, S, E) / (1, 1, E) embeddings lose their leading 1."""
+    state: dict[str, Tensor] = {}
+    for key, value in hf_state.items():
+        if key == "embeddings.class_embedding":
+            state[key] = value.reshape(-1)
+        elif key == "embeddings.position_embedding":
+            state["embeddings.position_embedding.weight"] = value.reshape(-1, value.shape[-1])
+        elif key.endswith(".self_attn.qkv.weight"):
+            base = key.removesuffix("qkv.weight")
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3), strict=True):
+                state[f"{base}{name}.weight"] = part
+            if key.replace(".weight", ".bias") not in hf_state:
+                for name in ("q_proj", "k_proj", "v_proj"):
+                    state[f"{base}{name}.bias"] = value.new_zeros(hidden_size)
+        elif key.endswith(".self_attn.qkv.bias"):
+            base = key.removesuffix("qkv.bias")
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3), strict=True):
+                state[f"{base}{name}.bias"] = part
+        elif ".self_attn.projection." in key:
+            state[key.replace(".self_attn.projection.", ".self_attn.out_proj.")] = value
+        else:
+            state[key] = value
+    return state
+
+
+def blip2_config_from_hf(d: Mapping[str, Any]) -> LVLMConfig:
+    """A Blip2Config dict (Blip2ForConditionalGeneration) → LVLMConfig with a Q-Former connector.
+
+    The vision tower's last_hidden_state (every layer, every token, post_layernorm) feeds the
+    Q-Former: Tessera runs all layers, keeps the class token (vision_feature_select "full") and
+    applies the post-norm as the connector's ln_vision. The language model must be LLaMA-family
+    (llama, mistral, qwen2); OPT and T5 (the other BLIP-2 checkpoints) raise. image_token_index
+    is required: Tessera, like transformers ≥ 4.47, scatters the query outputs into the prompt's
+    image-token placeholders."""
+    for key in ("vision_config", "qformer_config", "text_config"):
+        if not isinstance(d.get(key), Mapping) or not d[key]:
+            raise ValueError(f"config key {key!r} is missing or empty")
+    vision = _section("vision_config", blip2_vision_config_from_hf, d["vision_config"])
+    q = {**_HF_BLIP2_QFORMER_DEFAULTS, **d["qformer_config"]}
+    if q["encoder_hidden_size"] != vision.hidden_size:
+        raise ValueError(
+            f"qformer_config: config key 'encoder_hidden_size' = {q['encoder_hidden_size']} differs from the "
+            f"vision tower's hidden_size {vision.hidden_size}"
+        )
+    position = q.get("position_embedding_type", "absolute")
+    if position != "absolute":
+        raise ValueError(f"qformer_config: config key 'position_embedding_type' = {position!r} is not supported")
+    qformer = QFormerConfig(
+        num_queries=d.get("num_query_tokens", 32),
+        hidden_size=q["hidden_size"],
+        num_layers=q["num_hidden_layers"],
+        num_heads=q["num_attention_heads"],
+        intermediate_size=q["intermediate_size"],
+        cross_attention_frequency=q["cross_attention_frequency"],
+        layer_norm_eps=q["layer_norm_eps"],
+        act=_section("qformer_config", lambda s: _activation(s, "gelu"), q),
+        text_input=bool(q["use_qformer_text_input"]),
+        vision_layernorm_eps=vision.layer_norm_eps,
+    )
+    text = dict(d["text_config"])
+    text["tie_word_embeddings"] = bool(text.get("tie_word_embeddings", False) or d.get("tie_word_embeddings", False))
+    llm = _section("text_config", llama_config_from_hf, text)
+    image_token = d.get("image_token_index", d.get("image_token_id"))
+    if not isinstance(image_token, int):
+        raise ValueError(
+            "config key 'image_token_index' is missing: Tessera places the query outputs at the prompt's "
+            "image-token placeholders (checkpoints converted for transformers ≥ 4.47 have it)"
+        )
+    return LVLMConfig(vision=vision, connector=qformer, llm=llm, image_token_id=image_token,
+                      vision_feature_layer=-1, vision_feature_select="full")
+
+
+def blip2_config_from_weights(cfg: LVLMConfig, hf_state: Mapping[str, Tensor]) -> LVLMConfig:
+    """Hub checkpoints written before transformers had `use_qformer_text_input` store the
+    Q-Former's text feed-forward blocks although the config says False; the connector then keeps
+    them (unused by the computation), so no tensor of the checkpoint is dropped."""
+    has_text_ffn = any(_BLIP2_TEXT_FFN.match(k) for k in hf_state)
+    assert isinstance(cfg.connector, QFormerConfig)
+    if has_text_ffn == cfg.connector.text_input:
+        return cfg
+    return cfg.model_copy(update={"connector": cfg.connector.model_copy(update={"text_input": has_text_ffn})})
+
+
+def blip2_state_dict_from_hf(hf_state: Mapping[str, Tensor], cfg: LVLMConfig) -> dict[str, Tensor]:
+    """A Blip2ForConditionalGeneration checkpoint → LVLM state dict:
+    vision_model.X → vision_tower.X (see blip2_vision_state_dict_from_hf), and its post_layernorm
+    ALSO → connector.ln_vision; query_tokens, qformer.X, language_projection.X → connector.*;
+    language_model.model.X / language_model.lm_head.weight → language_model.*."""
+    vision: dict[str, Tensor] = {}
+    state: dict[str, Tensor] = {}
+    decoder: dict[str, Tensor] = {}
+    for key, value in hf_state.items():
+        if is_derived_buffer(key):
+            continue
+        if key.startswith(BLIP2_VISION_PREFIX):
+            vision[key[len(BLIP2_VISION_PREFIX) :]] = value
+        elif key.startswith(BLIP2_QFORMER_PARTS) or key.startswith(BLIP2_PROJECTION_PREFIX):
+            state[f"connector.{key}"] = value
+        elif key == BLIP2_HEAD_KEY:
+            decoder[LM_HEAD_KEY] = value
+        elif key.startswith(BLIP2_DECODER_PREFIX):
+            decoder[DECODER_PREFIX + key[len(BLIP2_DECODER_PREFIX) :]] = value
+        else:
+            raise ValueError(
+                f"BLIP-2 key {key!r} belongs to no part (vision_model, query_tokens, qformer, "
+                "language_projection, language_model)"
+            )
+    for key in ("weight", "bias"):
+        if f"post_layernorm.{key}" in vision:
+            state[f"connector.ln_vision.{key}"] = vision[f"post_layernorm.{key}"]
+    state.update({f"vision_tower.{k}": v for k, v in
+                  blip2_vision_state_dict_from_hf(vision, cfg.vision.hidden_size).items()})
+    llm = llama_state_dict_from_hf(decoder, tie_word_embeddings=cfg.llm.tie_word_embeddings)
+    state.update({f"language_model.{k}": v for k, v in llm.items()})
+    return state

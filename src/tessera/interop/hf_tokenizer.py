@@ -94,6 +94,14 @@ def tokenizer_from_hf(
                 f"{sources[f'{role}_token']}: {role}_token {token!r} is not in {tokenizer_file.name}'s vocabulary"
             )
     notes: list[str] = []
+    # BERT-style tokenizers (BertModel, the Q-Former's text side) name [CLS] and [SEP] where
+    # Tessera's roles say bos and eos: a text is "[CLS] … [SEP]" as Tessera's is "<s> … </s>".
+    for role, bert_role in (("bos", "cls"), ("eos", "sep")):
+        bert_token = settings.get(f"{bert_role}_token")
+        bert_token = bert_token.get("content") if isinstance(bert_token, Mapping) else bert_token
+        if role not in roles and isinstance(bert_token, str) and backend.token_to_id(bert_token) is not None:
+            roles[role] = bert_token
+            notes.append(f"tokenizer: no {role}_token; using the {bert_role} token {bert_token!r} for it (BERT style)")
     if image_token_id is not None:
         image_token = backend.id_to_token(image_token_id)
         if image_token is None:
@@ -217,7 +225,16 @@ def chat_template_jinja(template: ChatTemplate | str, image_token: str = IMAGE_T
         "{%- set " + name + " = " + json.dumps(value) + " -%}" for name, value in constants.items()
     )
     header += "{%- set system_inside_first_user = " + str(t.system_inside_first_user).lower() + " -%}"
-    return "{#- Tessera chat template " + json.dumps(t.name) + " -#}" + header + _JINJA_BODY
+    if t.task:
+        raise ValueError(f"template {t.name!r} with task {t.task!r}: export the template without a task "
+                         "(the task identifier belongs to the user text)")
+    body = _JINJA_BODY
+    if t.image_prefix or t.image_suffix:  # Qwen-VL / MiniGPT markers around each image
+        wrapped = json.dumps(t.image_prefix) + " ~ image_token ~ " + json.dumps(t.image_suffix)
+        plain = "{{- render(message['content']) -}}{{- user_suffix -}}"
+        body = body.replace(plain, "{{- render(message['content']) | replace(image_token, " + wrapped + ") -}}"
+                            "{{- user_suffix -}}")
+    return "{#- Tessera chat template " + json.dumps(t.name) + " -#}" + header + body
 
 
 def template_from_jinja(jinja: str, image_token: str = IMAGE_TOKEN) -> str | None:

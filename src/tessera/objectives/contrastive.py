@@ -4,8 +4,11 @@
   diagonal.
 - siglip_loss (SigLIP): pairwise sigmoid loss, label +1 on the diagonal and -1 elsewhere,
   summed over all pairs and divided by the number of images.
+- bank_itc_loss (ALBEF's and BLIP's ITC): images and texts scored against banks of candidates
+  (momentum features of the batch plus a queue) with soft targets (`positive_targets` spread
+  over every candidate of the same image, mixed with momentum distillation); one process.
 
-Both take the LOG of the scale (t' with t = exp t'), as the models store it. With
+clip_loss and siglip_loss take the LOG of the scale (t' with t = exp t'), as the models store it. With
 `distributed=True` under an initialised torch.distributed process group, each rank passes its
 LOCAL embeddings and the loss covers the GLOBAL batch: the other ranks' embeddings arrive
 through `gather_with_grad`, this rank's positives sit at columns offset by the sizes of the
@@ -98,3 +101,39 @@ def siglip_loss(
     signs = torch.full_like(logits, -1.0)
     signs[local, start + local] = 1.0
     return -F.logsigmoid(signs * logits).sum() * (world / sum(sizes))
+
+
+def positive_targets(positives: Tensor) -> Tensor:
+    """positives (n, C) bool → (n, C) float targets: each row spread evenly over its positives
+    (ALBEF's and BLIP's retrieval ITC, where several candidates show the same image)."""
+    counts = positives.sum(dim=1, keepdim=True)
+    if bool((counts == 0).any()):
+        raise ValueError("every row needs at least one positive candidate")
+    return positives.float() / counts
+
+
+def bank_itc_loss(
+    image_emb: Tensor, text_emb: Tensor, image_bank: Tensor, text_bank: Tensor, temperature: Tensor,
+    targets_i2t: Tensor, targets_t2i: Tensor,
+) -> Tensor:
+    """ITC of ALBEF and BLIP: each image is scored against a bank of texts and each text against
+    a bank of images (the momentum model's features of the batch, then the queue), with soft
+    targets.
+
+    image_emb, text_emb (n, P) unit-norm; image_bank, text_bank (C, P); temperature τ, the
+    divisor itself (ALBEF stores τ, not its log); targets_i2t, targets_t2i (n, C), rows summing
+    to 1 (`positive_targets`, possibly mixed with the momentum model's softmax by
+    momentum.distillation_targets). Returns 0.5 · (CE(I·T_bankᵀ/τ, targets_i2t) +
+    CE(T·I_bankᵀ/τ, targets_t2i)), CE(s, q) = mean over rows of −Σ_c q_c log softmax(s)_c.
+    """
+    _check_pairs(image_emb, text_emb)
+    if image_bank.shape != text_bank.shape or image_bank.shape[1:] != image_emb.shape[1:]:
+        raise ValueError(
+            f"banks must be (C, {image_emb.shape[1]}) both, got {tuple(image_bank.shape)} and {tuple(text_bank.shape)}"
+        )
+    expected = (image_emb.shape[0], image_bank.shape[0])
+    if targets_i2t.shape != expected or targets_t2i.shape != expected:
+        raise ValueError(f"targets must be {expected}, got {tuple(targets_i2t.shape)} and {tuple(targets_t2i.shape)}")
+    sim_i2t = image_emb.float() @ text_bank.float().t() / temperature
+    sim_t2i = text_emb.float() @ image_bank.float().t() / temperature
+    return 0.5 * (F.cross_entropy(sim_i2t, targets_i2t.float()) + F.cross_entropy(sim_t2i, targets_t2i.float()))

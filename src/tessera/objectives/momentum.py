@@ -2,6 +2,9 @@
 
 - `momentum_copy` / `ema_update_`: a gradient-free copy of a module whose parameters follow
   the module's as an exponential moving average, θ_m ← m·θ_m + (1 − m)·θ (m = 0.995).
+- `momentum_buffers` / `ema_update_buffers_`: the same, with the copy's weights held as
+  buffers, so a model that owns it saves it with its checkpoints while no optimizer or
+  trainable prefix can ever reach it (ALBEF's momentum model).
 - `FeatureQueue`: a fixed-size ring buffer of the momentum model's past features (and, for
   BLIP, the ids of their images), the extra negatives of ALBEF's ITC. It is a module whose
   contents and pointer are buffers, so a checkpoint (or its own state_dict) resumes it
@@ -46,6 +49,51 @@ def ema_update_(target: nn.Module, source: nn.Module, momentum: float) -> None:
         if t.shape != s.shape:
             raise ValueError(f"{name}: momentum shape {tuple(t.shape)} != source {tuple(s.shape)}")
         t.lerp_(s.to(t.dtype), 1.0 - momentum)
+
+
+def momentum_buffers(module: nn.Module) -> nn.Module:
+    """A deep copy of `module` whose parameters are turned into buffers of the same names.
+
+    Held as a submodule of a model, the copy is saved in its state_dict (persistent buffers:
+    checkpoints and an exact resume keep the momentum weights) and moves with `.to()`, yet it
+    has no parameters at all: `named_parameters()`, `set_trainable` and optimizers never see
+    it, so no stage can make it trainable. Tied parameters become one tensor under both names.
+    `ema_update_buffers_` moves it.
+    """
+    twin = copy.deepcopy(module)
+    tensors: dict[int, Tensor] = {}
+    for sub in twin.modules():
+        for name, param in list(sub.named_parameters(recurse=False, remove_duplicate=False)):
+            tensor = tensors.setdefault(id(param), param.detach())
+            delattr(sub, name)
+            sub.register_buffer(name, tensor)
+    return twin
+
+
+@torch.no_grad()
+def ema_update_buffers_(target: nn.Module, source: nn.Module, momentum: float) -> None:
+    """target buffer ← momentum · buffer + (1 − momentum) · source parameter of the same name,
+    for a `momentum_buffers` copy of `source`; momentum 0 copies the source exactly.
+
+    Every name of a tied parameter is covered once per distinct target tensor, so a tie that
+    `.to()` split into two buffers still moves both, and a shared one moves once.
+    """
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+    buffers = dict(target.named_buffers(remove_duplicate=False))
+    params = dict(source.named_parameters(remove_duplicate=False))
+    missing = sorted(params.keys() - buffers.keys())
+    if missing:
+        raise ValueError(f"momentum model does not mirror its source: no buffers for {missing[:5]}")
+    moved: set[int] = set()
+    for name, s in params.items():
+        t = buffers[name]
+        if id(t) in moved:
+            continue
+        if t.shape != s.shape:
+            raise ValueError(f"{name}: momentum shape {tuple(t.shape)} != source {tuple(s.shape)}")
+        t.lerp_(s.detach().to(t.dtype), 1.0 - momentum)
+        moved.add(id(t))
 
 
 class FeatureQueue(nn.Module):

@@ -150,16 +150,20 @@ class BertSelfAttention(nn.Module):
 
     def forward(
         self, x: Tensor, *, context: Tensor | None = None, key_padding_mask: Tensor | None = None,
-        causal: bool = False,
+        causal: bool = False, attn_mask: Tensor | None = None,
     ) -> Tensor:
-        """x (B, L, E), context (B, N, E_v) or None → (B, L, E), heads merged, before `output`."""
+        """x (B, L, E), context (B, N, E_v) or None → (B, L, E), heads merged, before `output`.
+
+        attn_mask (B, L, N) bool, True = may attend: a mask no flag expresses (the Q-Former's
+        per-objective masks), combined with the others."""
         source = x if context is None else context
         b, length, dim = x.shape
         head_dim = dim // self.num_heads
         q = self.query(x).view(b, length, self.num_heads, head_dim).transpose(1, 2)
         k = self.key(source).view(b, source.shape[1], self.num_heads, head_dim).transpose(1, 2)
         v = self.value(source).view(b, source.shape[1], self.num_heads, head_dim).transpose(1, 2)
-        out = attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask)
+        mask = None if attn_mask is None else attn_mask[:, None]
+        out = attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, attn_mask=mask)
         return out.transpose(1, 2).reshape(b, length, dim)
 
 

@@ -24,7 +24,7 @@ ends with its own space token).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -189,14 +189,34 @@ class Tokenizer:
         return f"Tokenizer(vocab_size={self.vocab_size})"
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int = 1024, min_frequency: int = 2) -> Tokenizer:
+def train_bpe(
+    texts: Iterable[str],
+    vocab_size: int = 1024,
+    min_frequency: int = 2,
+    extra_special_tokens: Sequence[str] = (),
+) -> Tokenizer:
     """Train a byte-level BPE tokenizer on `texts`.
 
     All 256 bytes are in the vocabulary, so every string round-trips through
     encode/decode and `<unk>` is never produced; `vocab_size` counts the bytes, the
     special tokens and the learned merges.
+
+    `extra_special_tokens` (e.g. "<mask>", "<enc>", "<dec>" of the fusion models) get the ids
+    right after `SPECIAL_TOKENS`, in the order given, so the fixed tokens keep their ids; like
+    them they are atomic, skipped by `decode(skip_special=True)`, and saved in tokenizer.json
+    (look them up with `Tokenizer.token_id`). Empty, repeated or already-special strings are
+    refused.
     """
-    smallest = _BYTE_ALPHABET_SIZE + len(SPECIAL_TOKENS)
+    if isinstance(extra_special_tokens, str):
+        raise TypeError("extra_special_tokens must be a sequence of strings, not one string")
+    extra = list(extra_special_tokens)
+    bad = [t for t in extra if not isinstance(t, str) or not t or t != t.strip()]
+    if bad:
+        raise ValueError(f"extra_special_tokens must be non-empty strings without outer spaces, got {bad}")
+    clashes = sorted({t for t in extra if t in SPECIAL_TOKENS or extra.count(t) > 1})
+    if clashes:
+        raise ValueError(f"extra_special_tokens repeat a special token: {clashes}")
+    smallest = _BYTE_ALPHABET_SIZE + len(SPECIAL_TOKENS) + len(extra)
     if vocab_size < smallest:
         raise ValueError(
             f"vocab_size must be at least {smallest} (bytes + special tokens), got {vocab_size}"
@@ -207,7 +227,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 1024, min_frequency: int =
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
-        special_tokens=[AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS],
+        special_tokens=[AddedToken(t, special=True, normalized=False) for t in (*SPECIAL_TOKENS, *extra)],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )

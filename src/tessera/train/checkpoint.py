@@ -23,6 +23,7 @@ from torch import nn
 
 from tessera import __version__
 from tessera.models.registry import build_model, kind_of
+from tessera.nn.lora import LoraConfig, apply_lora, lora_config
 from tessera.text.tokenizer import SPECIAL_TOKENS_FILE, TOKENIZER_FILE
 
 FORMAT = "tessera-checkpoint"
@@ -93,6 +94,8 @@ def save_checkpoint(
             "model": model.cfg.to_dict(),
             "meta": meta or {},
         }
+        if lora_config(model) is not None:  # unmerged adapters: load_checkpoint re-applies them
+            config["lora"] = lora_config(model).to_dict()
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         # save_model handles tied weights (one tensor stored once).
         save_model(model, str(tmp / "model.safetensors"))
@@ -129,6 +132,8 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> Checkpoint:
     path = Path(path)
     config = read_config(path)
     model = build_model(config["kind"], config["model"], where=str(path / "config.json"))
+    if config.get("lora") is not None:
+        apply_lora(model, LoraConfig.parse(config["lora"], where=f"{path / 'config.json'}: lora"))
     weights = path / "model.safetensors"
     if not weights.is_file():
         raise CheckpointError(f"{path}: model.safetensors is missing")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pydantic import field_validator, model_validator
 
 from tessera.config import Config
+from tessera.nn.lora import LoraConfig
 
 
 class StageConfig(Config):
@@ -32,6 +33,9 @@ class StageConfig(Config):
     seed: int = 0
     log_every: int = 10
     save_every: int | None = None  # also saves at the end when an output folder is given
+    # LoRA adapters the trainer puts on the model before the stage (kept if the model already
+    # carries the same ones); they train on top of `trainable`, which may then be empty.
+    lora: LoraConfig | None = None
 
     @field_validator("steps", "batch_size", "grad_accum", "max_length", "log_every")
     @classmethod
@@ -49,8 +53,8 @@ class StageConfig(Config):
 
     @model_validator(mode="after")
     def _check(self) -> StageConfig:
-        if not self.trainable:
-            raise ValueError("trainable must name at least one module prefix (or '*')")
+        if not self.trainable and self.lora is None:
+            raise ValueError("trainable must name at least one module prefix (or '*'), unless lora is set")
         if self.warmup_steps >= self.steps:
             raise ValueError(f"warmup_steps {self.warmup_steps} must be < steps {self.steps}")
         if not self.objectives or any(w <= 0 for w in self.objectives.values()):

@@ -1,6 +1,7 @@
 """Tasks bind a stage's data to its objectives for the trainer (see trainer.Task).
 
-- ContrastiveTask: image-caption pairs, CLIP's symmetric ITC loss, logit scale clamped.
+- ContrastiveTask: image-caption pairs, CLIP's symmetric ITC loss (logit scale clamped) or
+  SigLIP's pairwise sigmoid loss, on one process or over the global batch of all ranks.
 - LanguageModelTask: plain texts, packed, next-token loss (decoder pretraining).
 - ConversationTask: LLaVA-style conversations with images, padded or packed, loss on the
   assistant's answers only (both LLaVA stages).
@@ -15,9 +16,10 @@ from torch import Tensor, nn
 
 from tessera.data.collate import Batch, Sample, pack_collate, pad_collate
 from tessera.data.datasets import CaptionPairs, ConversationDataset, ImageCache, text_sample
+from tessera.data.templates import IGNORE_INDEX
 from tessera.data.records import SkipStats
-from tessera.models.dual_encoder import DualEncoder
-from tessera.objectives.contrastive import clip_loss
+from tessera.models.dual_encoder import DualEncoder, SigLIPDualEncoder
+from tessera.objectives.contrastive import clip_loss, siglip_loss
 from tessera.objectives.lm import next_token_loss
 from tessera.text.tokenizer import Tokenizer
 
@@ -28,12 +30,32 @@ def _check_objectives(objectives: dict[str, float], allowed: set[str], task: str
         raise ValueError(f"{task} has no objective {sorted(unknown)}; allowed: {sorted(allowed)}")
 
 
+# ContrastiveTask's losses: CLIP's softmax ITC and SigLIP's pairwise sigmoid.
+CONTRASTIVE_OBJECTIVES: tuple[str, ...] = ("itc", "sigmoid")
+
+
 class ContrastiveTask:
+    """Image-caption pairs (one caption drawn per image and step) for a dual encoder.
+
+    `objectives` names the one loss and its weight: {"itc": w} (CLIP) or {"sigmoid": w}
+    (SigLIP; the model needs a `logit_bias`). None takes the model's own loss: sigmoid for a
+    SigLIPDualEncoder, itc otherwise. `distributed` makes the loss cover the global batch of
+    all ranks (features gathered with gradients, see objectives.contrastive). SigLIP's text
+    tower pools the LAST position, so its texts must all have one length: `pad_to_max_length`
+    pads every text to `max_text_length`, as SigLIP pads to its 64 tokens.
+    """
+
     def __init__(
         self, pairs: Sequence[CaptionPairs], tokenizer: Tokenizer, images: ImageCache,
-        max_text_length: int, objectives: dict[str, float] | None = None,
+        max_text_length: int, objectives: dict[str, float] | None = None, *,
+        distributed: bool = False, pad_to_max_length: bool = False,
     ) -> None:
-        _check_objectives(objectives or {"itc": 1.0}, {"itc"}, "ContrastiveTask")
+        if objectives is not None:
+            _check_objectives(objectives, set(CONTRASTIVE_OBJECTIVES), "ContrastiveTask")
+            if len(objectives) != 1:
+                raise ValueError(f"ContrastiveTask trains one loss, 'itc' or 'sigmoid'; got {sorted(objectives)}")
+        self.objectives = objectives
+        self.distributed, self.pad_to_max_length = distributed, pad_to_max_length
         self.pairs, self.tokenizer, self.images = pairs, tokenizer, images
         self.max_text_length = max_text_length
         self.skips: SkipStats = images.skips
@@ -45,7 +67,7 @@ class ContrastiveTask:
     def encode_texts(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
         """Right-padded ids ending in EOS (B, L) and their mask."""
         rows = [self.tokenizer.encode(t)[: self.max_text_length - 1] + [self.tokenizer.eos_id] for t in texts]
-        length = max(len(r) for r in rows)
+        length = self.max_text_length if self.pad_to_max_length else max(len(r) for r in rows)
         ids = torch.full((len(rows), length), self.tokenizer.pad_id, dtype=torch.long)
         for i, r in enumerate(rows):
             ids[i, : len(r)] = torch.tensor(r)
@@ -67,17 +89,36 @@ class ContrastiveTask:
         ids, mask = self.encode_texts(texts)
         return self.images.normalize(torch.stack(pixels)), ids, mask
 
+    def objective(self, model: nn.Module) -> tuple[str, float]:
+        """(loss name, weight) this task trains `model` with."""
+        if self.objectives is None:
+            return ("sigmoid" if isinstance(model, SigLIPDualEncoder) else "itc"), 1.0
+        ((name, weight),) = self.objectives.items()
+        return name, weight
+
     def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        assert isinstance(model, DualEncoder)
+        if not isinstance(model, DualEncoder | SigLIPDualEncoder):
+            raise TypeError(f"ContrastiveTask trains a dual encoder, not a {type(model).__name__}")
         images, ids, mask = batch
         img, txt = model.encode_image(images), model.encode_text(ids, mask)
-        loss = clip_loss(img, txt, model.logit_scale)
+        name, weight = self.objective(model)
+        logs = {"logit_scale": float(model.logit_scale.detach().exp())}
+        if name == "sigmoid":
+            bias = getattr(model, "logit_bias", None)
+            if bias is None:
+                raise ValueError(f"the sigmoid objective needs a model with a logit_bias; {type(model).__name__} has none")
+            loss = siglip_loss(img, txt, model.logit_scale, bias, distributed=self.distributed)
+            logs["logit_bias"] = float(bias.detach())
+        else:
+            loss = clip_loss(img, txt, model.logit_scale, distributed=self.distributed)
         with torch.no_grad():
-            acc = float(((img @ txt.t()).argmax(1) == torch.arange(len(img))).float().mean())
-        return loss, {"i2t_acc": acc, "logit_scale": float(model.logit_scale.detach().exp())}
+            logs["i2t_acc"] = float(((img @ txt.t()).argmax(1) == torch.arange(len(img))).float().mean())
+        return weight * loss, logs
 
     def after_step(self, model: nn.Module) -> None:
-        model.clamp_logit_scale()
+        clamp = getattr(model, "clamp_logit_scale", None)  # CLIP clamps its scale; SigLIP does not
+        if clamp is not None:
+            clamp()
 
 
 class LanguageModelTask:
@@ -131,9 +172,12 @@ class ConversationTask:
         return self.collate(samples)
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+        # The last decoder layer runs only for the supervised positions (the answers): the
+        # loss reads nothing else, and prompts and image tokens are most of every sequence.
         hidden = model(
             batch.input_ids, batch.images, position_ids=batch.position_ids,
             cu_seqlens=batch.cu_seqlens, attention_mask=batch.attention_mask,
+            keep=batch.targets != IGNORE_INDEX,
         )
         return next_token_loss(hidden, model.language_model.lm_head, batch.targets), {}
 

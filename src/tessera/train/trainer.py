@@ -6,6 +6,7 @@ Task, which owns the data and the objectives:
     task.loss(model, batch) -> (loss, logs)
     task.after_step(model)                 e.g. clamp CLIP's logit scale
     task.skips                             SkipStats of bad examples
+    task.start_at(step)                    optional: told the step a stage starts (0) or resumes at
 
 The trainer owns freezing, AdamW with per-module learning rates, warm-up + cosine
 schedule, gradient accumulation and clipping, bf16 autocast, seeding, checkpoints and an
@@ -27,6 +28,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from tessera.data.records import SkipStats
+from tessera.nn.lora import apply_lora, lora_trainable_prefixes
 from tessera.train.checkpoint import load_checkpoint, save_checkpoint
 from tessera.train.freeze import TrainableReport, set_trainable
 from tessera.train.stage import StageConfig
@@ -159,12 +161,21 @@ class Trainer:
     def fit(self, resume_from: str | Path | None = None) -> StageResult:
         stage, model = self.stage, self.model
         seed_everything(stage.seed)
-        report = set_trainable(model, stage.trainable)
+        trainable = list(stage.trainable)
+        if stage.lora is not None:
+            # Before the optimizer exists, so it holds the adapters; a model that already carries
+            # these adapters (an earlier stage) keeps them, and a resume loads them below.
+            apply_lora(model, stage.lora)
+            trainable += lora_trainable_prefixes(model)
+        report = set_trainable(model, trainable)
         optimizer = build_optimizer(model, stage)
         sampler = EpochSampler(self.task.num_examples, stage.batch_size, stage.seed)
         step = batches_seen = 0
         if resume_from is not None:
             step, batches_seen = self._resume(Path(resume_from), optimizer)
+        start_at = getattr(self.task, "start_at", None)
+        if callable(start_at):
+            start_at(step)  # tasks whose objectives follow the step (ALBEF's α ramp) resume in place
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=stage.bf16)
         history: list[dict[str, float]] = []
         bar = tqdm(total=stage.steps, initial=step, desc=f"train {stage.name}", disable=not self.progress,

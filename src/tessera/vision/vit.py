@@ -167,8 +167,12 @@ class PoolingAttention(nn.Module):
         self.out_proj = nn.Linear(dim, dim)
         nn.init.xavier_uniform_(self.in_proj_weight)
 
-    def forward(self, queries: Tensor, tokens: Tensor, key_padding_mask: Tensor | None) -> Tensor:
-        """queries (N, Q, E), tokens (N, S, E), key_padding_mask (N, S) True = real → (N, Q, E)."""
+    def forward(
+        self, queries: Tensor, tokens: Tensor, key_padding_mask: Tensor | None, values: Tensor | None = None
+    ) -> Tensor:
+        """queries (N, Q, E), tokens (N, S, E), key_padding_mask (N, S) True = real → (N, Q, E).
+        Keys come from `tokens`, values from `values` when given (Qwen-VL's resampler adds
+        position encodings to the keys only), else from `tokens`."""
         w_q, w_k, w_v = self.in_proj_weight.chunk(3)
         b_q, b_k, b_v = self.in_proj_bias.chunk(3)
         n, dim = tokens.shape[0], tokens.shape[-1]
@@ -177,7 +181,8 @@ class PoolingAttention(nn.Module):
             return x.view(n, x.shape[1], self.num_heads, dim // self.num_heads).transpose(1, 2)
 
         q = heads(F.linear(queries, w_q, b_q))
-        k, v = heads(F.linear(tokens, w_k, b_k)), heads(F.linear(tokens, w_v, b_v))
+        k = heads(F.linear(tokens, w_k, b_k))
+        v = heads(F.linear(tokens if values is None else values, w_v, b_v))
         out = attention(q, k, v, causal=False, key_padding_mask=key_padding_mask)
         return self.out_proj(out.transpose(1, 2).reshape(n, queries.shape[1], dim))
 
