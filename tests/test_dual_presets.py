@@ -81,7 +81,7 @@ def test_contrastive_task_picks_the_loss(pairs_and_tokenizer) -> None:
     loss, logs = task.loss(sig, batch)
     expected = siglip_loss(sig.encode_image(images), sig.encode_text(ids, mask), sig.logit_scale, sig.logit_bias)
     torch.testing.assert_close(loss, expected)
-    assert task.objective(sig) == ("sigmoid", 1.0) and logs["logit_bias"] == -10.0
+    assert task.objective(sig) == ("sigmoid", 1.0) and logs["logit_bias"] == pytest.approx(-math.log(128))
 
     # An explicit objective wins, with its weight; the sigmoid loss needs a bias.
     itc_task = ContrastiveTask(pairs, tok, images_cache(), 40, {"itc": 0.5})
@@ -130,9 +130,14 @@ def test_temperature_gets_no_weight_decay(pairs_and_tokenizer) -> None:
 
 
 def test_siglip_initial_scale_and_bias() -> None:
+    paper = SigLIPDualEncoder(siglip.paper().model.model_copy(update={
+        "vision": siglip.tiny().model.vision, "text": siglip.tiny().model.text}))
+    assert float(paper.logit_scale.detach()) == pytest.approx(math.log(10.0))
+    assert float(paper.logit_bias.detach()) == -10.0
+    # the tiny recipe keeps t' = ln 10 and starts b at the log-prior of its batch
     model = SigLIPDualEncoder(siglip.tiny().model)
     assert float(model.logit_scale.detach()) == pytest.approx(math.log(10.0))
-    assert float(model.logit_bias.detach()) == -10.0
+    assert float(model.logit_bias.detach()) == pytest.approx(-math.log(siglip.tiny().stage.batch_size))
     assert model.cfg.vision.map_head and not model.cfg.text.causal
     assert siglip.tiny().stage.objectives == {"sigmoid": 1.0}
 

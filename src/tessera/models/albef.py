@@ -167,17 +167,12 @@ def _text_key_weights(length: int) -> Tensor:
 
 
 def _init_weights(module: nn.Module) -> None:
-    """BERT's and timm's ViT initialisation (N(0, 0.02) weights, zero biases), which ALBEF starts
-    from; PyTorch's defaults (N(0, 1) embeddings) make the tied MLM head's first logits huge."""
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.Embedding):
+    """Embeddings N(0, 0.02) as in BERT (PyTorch's N(0, 1) makes the tied MLM head's first
+    logits ~√E). Linear layers keep PyTorch's default (uniform ±1/√fan_in): ALBEF starts from
+    pretrained DeiT and BERT, and from scratch at tiny width BERT's N(0, 0.02) leaves every
+    [CLS] state nearly identical, and ITC collapses (all embeddings one vector, τ → 0)."""
+    if isinstance(module, nn.Embedding):
         nn.init.normal_(module.weight, std=0.02)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
 
 
 class ALBEF(nn.Module):

@@ -496,7 +496,7 @@ class ViLT(nn.Module):
     def _itm_and_wpa_losses(self, images: list[Tensor], input_ids: Tensor, attention_mask: Tensor,
                             image_ids: Tensor) -> tuple[Tensor, Tensor]:
         """ITM over B positives and 2B random negatives, and ViLT's word-patch alignment on the
-        same pass: (Σ OT distance of matched pairs − Σ over mismatched pairs) / pairs."""
+        same pass: ½ (mean OT distance of matched pairs − mean of mismatched pairs)."""
         b, length = input_ids.shape
         # Equal similarities: each negative is drawn uniformly among the true negatives.
         flat = torch.zeros(b, b, device=input_ids.device)
@@ -512,7 +512,10 @@ class ViLT(nn.Module):
         patches = mask[:, length:].clone()
         patches[:, 0] = False
         distance = optimal_transport_distance(hidden[:, :length], hidden[:, length:], words, patches)
-        wpa = (distance[labels == 1].sum() - distance[labels == 0].sum()) / labels.numel()
+        # ViLT averages over an even split of matched and mismatched pairs; with twice as many
+        # mismatched pairs here, the two means are weighed equally instead, or the loss would
+        # push every distance up.
+        wpa = 0.5 * (distance[labels == 1].mean() - distance[labels == 0].mean())
         return itm, wpa
 
     def _mlm_loss(self, images: list[Tensor], input_ids: Tensor, attention_mask: Tensor) -> Tensor:
