@@ -16,8 +16,8 @@ from torch import Tensor, nn
 
 from tessera.data.collate import Batch, Sample, pack_collate, pad_collate
 from tessera.data.datasets import CaptionPairs, ConversationDataset, ImageCache, text_sample
-from tessera.data.templates import IGNORE_INDEX
 from tessera.data.records import SkipStats
+from tessera.data.templates import IGNORE_INDEX
 from tessera.models.dual_encoder import DualEncoder, SigLIPDualEncoder
 from tessera.objectives.contrastive import clip_loss, siglip_loss
 from tessera.objectives.lm import next_token_loss
