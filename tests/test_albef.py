@@ -411,7 +411,7 @@ def test_tiny_run_learns() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
     g = torch.Generator().manual_seed(1)
     history = []
-    for step in range(120):
+    for step in range(100):
         losses = model.pretrain_losses(_colour_data(16, g), {"itc": 1.0, "itm": 1.0, "mlm": 1.0}, step)
         (losses["itc"] + losses["itm"] + losses["mlm"]).backward()
         optimizer.step()
@@ -423,7 +423,7 @@ def test_tiny_run_learns() -> None:
     # ITC's floor is high here (each caption has ~1/4 of the bank as positives): judge it by
     # retrieval below; MLM and ITM must drop clearly.
     assert last["mlm"] < 0.7 * first["mlm"], (first, last)
-    assert last["itm"] < 0.8 * first["itm"], (first, last)
+    assert last["itm"] < 0.5 * first["itm"], (first, last)
 
     model.eval()
     test = _colour_data(32, torch.Generator().manual_seed(7))
@@ -437,7 +437,7 @@ def test_tiny_run_learns() -> None:
         neg = model.itm_logits(test.images, test.input_ids[other], test.attention_mask[other])
     assert (retrieved == colour).float().mean() > 0.9  # chance 0.25
     itm_accuracy = (pos > neg).float().mean().item()
-    assert itm_accuracy > 0.8, itm_accuracy  # chance 0.5
+    assert itm_accuracy > 0.9, itm_accuracy  # chance 0.5
 
 
 # --- the zoo runner -------------------------------------------------------------------------------

@@ -528,3 +528,13 @@ def test_minigpt4_zoo_run_trains_only_the_linear_layer(tiny_shapes: Path, zoo_ro
         assert same != name.startswith("language_projection"), name
     convs, _ = minigpt4_preset.detailed_description_conversations(tiny_shapes)
     assert len(convs) == 120 and convs[0].turns[1].text.count(" ") >= 2
+    full = {c.images[0]: c.turns[1].text for c in convs}  # each image's full (first) caption
+    # llm_chat's text: every image placeholder replaced by that image's full description
+    from tessera.data.readers import read_llava, shapes_split_paths
+
+    described, _ = blip2_preset.described_conversations(tiny_shapes)
+    originals, _ = read_llava(shapes_split_paths(tiny_shapes, "train")["llava_instruct"], tiny_shapes)
+    original = originals[0]
+    match = next(c for c in described if c.id == f"{original.id}_described")
+    assert not match.images and "<image>" not in match.turns[0].text
+    assert match.turns[0].text == original.turns[0].text.replace("<image>", full[original.images[0]])

@@ -274,6 +274,25 @@ def test_masked_patches_are_hidden_from_the_encoder(tokenizer: Tokenizer) -> Non
     assert torch.equal(counts, torch.full((5,), round(0.4 * 16)))
 
 
+@pytest.mark.parametrize(("loss_on", "scored"), [("masked", 3), ("all", 8)])
+def test_mim_loss_scores_the_masked_or_all_patches(tokenizer: Tokenizer, loss_on: str, scored: int,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_model(tokenizer, mim_loss_on=loss_on)
+    patch_mask = torch.tensor([[True, False, False, True], [False, True, False, False]])
+    monkeypatch.setattr(model, "random_patch_mask", lambda *args: patch_mask)
+    rows: list[int] = []
+    model.mim_head.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    pixels = list(torch.randn(2, 3, 32, 32))
+    loss = model.pretrain_losses(ImageTextBatch(pixels, None, None, torch.arange(2)), {"mim": 1.0}, 0)["mim"]
+    assert rows == [scored] and loss.ndim == 0
+    with torch.no_grad():
+        hidden, _ = model.encode_image(torch.stack(pixels), patch_mask)
+        predicted = model.mim_head(hidden[:, 1:])
+    chosen = patch_mask if loss_on == "masked" else torch.ones_like(patch_mask)
+    expected = F.mse_loss(predicted[chosen], patchify(torch.stack(pixels), 16)[chosen])
+    assert torch.allclose(loss, expected, atol=1e-6)
+
+
 # ------------------------------------------------------------------ checkpoints
 
 

@@ -171,9 +171,13 @@ def test_cli(tmp_path: Path, zoo_data: Path, fake_presets: dict[str, list[ZooCon
     assert listed.exit_code == 0 and listed.output.split() == ["boom", "good"]
     unknown = cli.invoke(app, ["zoo", "--only", "nope", "--out", str(tmp_path)])
     assert unknown.exit_code == 2 and "available: ['boom', 'good']" in unknown.output
-    ok = cli.invoke(app, ["zoo", "--only", "good", "--out", str(tmp_path), "--data", str(zoo_data), "--scale", "0.1"])
+    ok = cli.invoke(app, ["zoo", "--only", "good", "--out", str(tmp_path), "--data", str(zoo_data), "--scale", "0.1",
+                          "--threads", "1"])
     assert ok.exit_code == 0, ok.output
-    assert json.loads((tmp_path / "good" / "results.json").read_text())["scale"] == 0.1
+    result = json.loads((tmp_path / "good" / "results.json").read_text())
+    assert result["scale"] == 0.1 and result["machine"]["threads"] == 1
+    assert result["command"].endswith("--scale 0.1 --data " + str(zoo_data) + " --threads 1")
+    assert cli.invoke(app, ["zoo", "--only", "good", "--out", str(tmp_path), "--threads", "0"]).exit_code == 2
     both = cli.invoke(app, ["zoo", "--only", "good,boom", "--out", str(tmp_path), "--data", str(zoo_data)])
     assert both.exit_code == 2 and "failed presets: boom" in both.output
     assert [c.out_dir.name for c in fake_presets["good"]] == ["good", "good"]

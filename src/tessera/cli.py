@@ -294,6 +294,7 @@ def zoo_command(
     seed: int = 0,
     data: Annotated[Path | None, typer.Option(help="existing ShapesWorld folder with task files (default OUT/data)")] = None,
     list_presets: Annotated[bool, typer.Option("--list", help="list the zoo's presets and exit")] = False,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's)")] = None,
 ) -> None:
     """Train each preset's tiny recipe on ShapesWorld, evaluate every task it supports, write
     OUT/NAME/results.json and the table OUT/ZOO.md."""
@@ -310,7 +311,7 @@ def zoo_command(
         _fail("--out is required (the zoo folder)")
     names = [n.strip() for item in only or [] for n in item.split(",") if n.strip()]
     try:
-        run = run_zoo(names, out, scale=scale, seed=seed, data_dir=data, log=typer.echo)
+        run = run_zoo(names, out, scale=scale, seed=seed, data_dir=data, threads=threads, log=typer.echo)
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
     typer.echo(f"table: {run.table}")

@@ -15,7 +15,8 @@ Stagewise pretraining (`stage_trainable` names what trains in each):
     "image"       images only, masked image modelling; attention + V-FFN + patch embeddings.
                   MIM here is SimMIM-style rather than BEiT's dVAE tokens: a random 40% of the
                   patches are replaced by a learned mask embedding and a linear head regresses
-                  each masked patch's (normalised) pixels, mean squared error.
+                  each masked patch's (normalised) pixels, mean squared error; with
+                  mim_loss_on="all" the visible patches are scored too.
     "text"        texts only, MLM; attention and V-FFN frozen, the L-FFN and the word
                   embeddings (and the MLM head tied to them) train.
     "image_text"  image-text pairs: ITC (learnable temperature, as CLIP), ITM with hard
@@ -90,6 +91,10 @@ class VLMoConfig(Config):
     special_token_ids: tuple[int, ...] = (0, 1, 2, 3, 4)  # never masked: <pad> <unk> <s> </s> <image>
     mlm_probability: float = 0.15
     mim_probability: float = 0.4  # share of patches masked in masked image modelling (BEiT: 40%)
+    # Which patches the MIM loss covers: "masked" (BEiT, SimMIM) or "all", the visible ones too,
+    # which keeps the encoder from collapsing to the mean image where masked content is
+    # unpredictable from its context (ShapesWorld's randomly placed shapes).
+    mim_loss_on: Literal["masked", "all"] = "masked"
 
     @model_validator(mode="after")
     def _check(self) -> VLMoConfig:
@@ -337,6 +342,7 @@ class VLMo(nn.Module):
         num_patches = (pixels.shape[2] // p) * (pixels.shape[3] // p)
         patch_mask = self.random_patch_mask(pixels.shape[0], num_patches, pixels.device)
         hidden, _ = self.encode_image(pixels, patch_mask)
-        predicted = self.mim_head(hidden[:, 1:][patch_mask])  # (M, C·p·p)
-        target = patchify(pixels.to(predicted.dtype), p)[patch_mask]
+        scored = patch_mask if self.cfg.mim_loss_on == "masked" else torch.ones_like(patch_mask)
+        predicted = self.mim_head(hidden[:, 1:][scored])  # (M, C·p·p)
+        target = patchify(pixels.to(predicted.dtype), p)[scored]
         return F.mse_loss(predicted.float(), target.float())

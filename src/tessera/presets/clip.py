@@ -71,9 +71,9 @@ class CLIPPreset(Config):
 
 def tiny() -> CLIPPreset:
     """A 4-layer ViT on 8-pixel patches of the 64-pixel ShapesWorld images (65 tokens) and a
-    2-layer causal text tower, both 128 wide, trained from scratch with ITC. (16-pixel patches
-    cost a third as much per step but reached only half the retrieval recall after the same
-    300 steps.)"""
+    2-layer causal text tower, both 128 wide, trained from scratch with ITC. (16-pixel patches,
+    17 tokens, are cheaper per step but reached image→text R@1 0.19 on the 500-image test
+    gallery after the same 300 steps, against 0.35.)"""
     return CLIPPreset(
         name="clip-tiny",
         model=DualEncoderConfig(

@@ -8,7 +8,7 @@ Recipe (one stage list, as SYSTEMS.md describes it):
                stage-1 Q-Former, which no LLM shaped, is the one shared.)
     "llm_chat" the frozen LLM's own preparation (Vicuna is a LLaMA tuned on conversations in
                this template): Tessera's tiny LLM, pretrained on plain text, is tuned on the train
-               split's conversations with the images taken out, in the "minigpt4" template; it stays
+               split's conversations with each image replaced by its description, in the "minigpt4" template; it stays
                frozen afterwards (presets/blip2.tune_llm_chat).
     "align"    stage 1 of MiniGPT-4: the linear layer alone on image-caption pairs (paper: 5M
                pairs, batch 256, 20k steps; tiny: ShapesWorld's llava_pretrain conversations).
