@@ -26,7 +26,7 @@ from tessera.objectives.contrastive import clip_loss, siglip_loss
 
 IMAGE_DIM, TEXT_DIM, EMBED_DIM = 6, 5, 4
 TOLERANCE = 1e-9  # float64 throughout: only summation order differs between the two runs
-LOSSES = ("clip", "siglip")
+LOSSES = ("clip", "clip_hard_negatives", "siglip")
 
 
 class TinyDualEncoder(nn.Module):
@@ -39,11 +39,18 @@ class TinyDualEncoder(nn.Module):
         self.siglip_scale = nn.Parameter(torch.tensor([math.log(10.0)], dtype=torch.float64))
         self.siglip_bias = nn.Parameter(torch.tensor([-10.0], dtype=torch.float64))
 
-    def loss(self, name: str, images: Tensor, texts: Tensor, distributed: bool) -> Tensor:
+    def loss(self, name: str, images: Tensor, texts: Tensor, distributed: bool, first: int = 0) -> Tensor:
+        """`first`: global index of this slice's first pair (it decides which pairs have a hard
+        negative, so the ranks hold different numbers of them)."""
         image_emb = F.normalize(self.image_tower(images), dim=-1)
         text_emb = F.normalize(self.text_tower(texts), dim=-1)
         if name == "clip":
             return clip_loss(image_emb, text_emb, self.clip_scale, distributed=distributed)
+        if name == "clip_hard_negatives":
+            negatives = _hard_negative_inputs(texts, first)
+            negative_emb = F.normalize(self.text_tower(negatives), dim=-1)
+            return clip_loss(image_emb, text_emb, self.clip_scale, hard_negative_texts=negative_emb,
+                             distributed=distributed)
         return siglip_loss(image_emb, text_emb, self.siglip_scale, self.siglip_bias, distributed=distributed)
 
 
@@ -51,6 +58,12 @@ def _global_batch(size: int) -> tuple[Tensor, Tensor]:
     g = torch.Generator().manual_seed(1)
     return (torch.randn(size, IMAGE_DIM, generator=g, dtype=torch.float64),
             torch.randn(size, TEXT_DIM, generator=g, dtype=torch.float64))
+
+
+def _hard_negative_inputs(texts: Tensor, first: int) -> Tensor:
+    """A perturbed copy of the texts whose global index is not 1 mod 3 (some ranks get none)."""
+    keep = [i for i in range(texts.shape[0]) if (first + i) % 3 != 1]
+    return texts[keep].flip(-1) + 0.1
 
 
 def _gradients(model: nn.Module) -> dict[str, Tensor]:
@@ -102,7 +115,7 @@ def _worker(rank: int, world: int, port: int, sizes: list[int], out_dir: str) ->
         result: dict[str, object] = {}
         for name in LOSSES:
             model.zero_grad(set_to_none=True)
-            loss = model.loss(name, local_images, local_texts, distributed=True)
+            loss = model.loss(name, local_images, local_texts, distributed=True, first=start)
             loss.backward()
             result[f"{name}_local_loss"] = float(loss.detach())
             result[f"{name}_mean_loss"] = float(_averaged_over_ranks({"loss": loss.detach().clone()})["loss"])
@@ -121,7 +134,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("sizes", [[3, 3], [2, 4, 1]], ids=["2 ranks, equal", "3 ranks, unequal"])
+@pytest.mark.parametrize("sizes", [[3, 3], [2, 4, 1], [1, 3]], ids=["2 ranks, equal", "3 ranks, unequal", "2 ranks, one without hard negatives"])
 def test_distributed_losses_and_gradients_equal_single_process(sizes: list[int], tmp_path: Path) -> None:
     world = len(sizes)
     mp.spawn(_worker, args=(world, _free_port(), sizes, str(tmp_path)), nprocs=world, join=True)

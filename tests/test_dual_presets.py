@@ -22,6 +22,7 @@ from tessera.objectives.contrastive import clip_loss, siglip_loss
 from tessera.presets import clip, lit, siglip
 from tessera.text.clip_text import CLIPTextConfig
 from tessera.text.tokenizer import train_bpe
+from tessera.text.word_swaps import WordSwapper
 from tessera.train.checkpoint import load_checkpoint
 from tessera.train.stage import StageConfig
 from tessera.train.tasks import ContrastiveTask
@@ -67,7 +68,8 @@ def test_contrastive_task_picks_the_loss(pairs_and_tokenizer) -> None:
     pairs, tok = pairs_and_tokenizer
     task = ContrastiveTask(pairs, tok, images_cache(), 40)
     batch = task.make_batch(list(range(8)))
-    images, ids, mask = batch
+    images, ids, mask = batch.pixels, batch.ids, batch.mask
+    assert batch.negative_ids is None
 
     model = micro_clip(tok.vocab_size, tok.eos_id)
     loss, logs = task.loss(model, batch)
@@ -94,6 +96,36 @@ def test_contrastive_task_picks_the_loss(pairs_and_tokenizer) -> None:
         ContrastiveTask(pairs, tok, images_cache(), 40, {"mlm": 1.0})
     with pytest.raises(ValueError, match="one loss"):
         ContrastiveTask(pairs, tok, images_cache(), 40, {"itc": 1.0, "sigmoid": 1.0})
+
+
+def test_contrastive_task_hard_negative_captions(pairs_and_tokenizer) -> None:
+    pairs, tok = pairs_and_tokenizer
+    task = ContrastiveTask(pairs[:12], tok, images_cache(), 40, hard_negatives=WordSwapper.for_shapesworld())
+    torch.manual_seed(0)
+    batch = task.make_batch(list(range(8)))
+    assert batch is not None and batch.negative_ids is not None
+    texts = [tok.decode(row[m].tolist()) for row, m in zip(batch.ids, batch.mask, strict=True)]
+    negatives = [tok.decode(row[m].tolist()) for row, m in zip(batch.negative_ids, batch.negative_mask, strict=True)]
+    # Captions cut at 40 tokens may lose their swap: those negatives are dropped, never kept as copies.
+    assert 0 < len(negatives) <= len(texts) and not set(negatives) & set(texts)
+    torch.manual_seed(0)
+    again = task.make_batch(list(range(8)))  # the same draw gives the same negatives (resumable)
+    assert again is not None and torch.equal(again.negative_ids, batch.negative_ids)
+
+    model = micro_clip(tok.vocab_size, tok.eos_id)
+    loss, _ = task.loss(model, batch)
+    expected = clip_loss(model.encode_image(batch.pixels), model.encode_text(batch.ids, batch.mask), model.logit_scale,
+                         hard_negative_texts=model.encode_text(batch.negative_ids, batch.negative_mask))
+    torch.testing.assert_close(loss, expected)
+    with pytest.raises(ValueError, match="itc objective only"):
+        ContrastiveTask(pairs, tok, images_cache(), 40, {"sigmoid": 1.0}, hard_negatives=WordSwapper.for_shapesworld())
+
+    # A swap past the truncation point would make the positive its own negative: dropped.
+    caption = "there are 2 shapes: a red circle and a blue square."
+    short = [CaptionPairs(pairs[i].image, (caption,)) for i in range(2)]
+    cut = ContrastiveTask(short, tok, images_cache(), len(tok.encode("there are 2 shapes:")) + 1,
+                          hard_negatives=WordSwapper.for_shapesworld()).make_batch([0, 1])
+    assert cut is not None and cut.negative_ids is None
 
 
 def test_pad_to_max_length(pairs_and_tokenizer) -> None:

@@ -50,6 +50,7 @@ from tessera.data.shapes import COLORS, PLURALS, SHAPES
 from tessera.eval.report import write_json_atomic
 from tessera.models.blip import BLIP
 from tessera.text.tokenizer import Tokenizer
+from tessera.text.word_swaps import WordGroup, WordSwapper
 from tessera.train.fusion_tasks import caption_token_rows, pad_token_rows
 
 SUMMARY_FILE = "capfilt_summary.json"
@@ -295,36 +296,18 @@ def _best_below_threshold(pair_image: Sequence[int], scores: Sequence[float | No
 # --- noisy "web" captions for ShapesWorld -----------------------------------------------------------
 
 
-def _swap_words(caption: str, rng: random.Random, colors: Sequence[str], shapes: Sequence[str],
-                plurals: dict[str, str], held_out: set[tuple[str, str]]) -> str | None:
-    """Swap the caption's colour words, its shape words (singular or plural), or both (one of the
-    three, at random) for other ones, fixing "a" / "an" before a swapped word so that grammar
-    gives nothing away. None when nothing can be swapped, or every try names a held-out
-    colour-shape pair."""
-    singular_of = {p: s for s, p in plurals.items()}
-    words = re.split(r"(\W+)", caption)  # words at even indices, separators at odd ones
-    has_color = any(w in colors for w in words)
-    has_shape = any(w in shapes or w in singular_of for w in words)
-    modes = [m for m, ok in (("colors", has_color), ("shapes", has_shape), ("both", has_color and has_shape)) if ok]
+def _swap_words(caption: str, rng: random.Random, swapper: WordSwapper) -> str | None:
+    """The caption's colour words, its shape words, or both (one of the three, at random) swapped
+    for other ones; None when nothing can be swapped."""
+    words = set(re.split(r"\W+", caption))
+    shape = swapper.groups["shape"]
+    has_color = any(w in words for w in swapper.groups["color"].words)
+    has_shape = any(w in words for w in (*shape.words, *shape.plurals.values()))
+    modes = [m for m, ok in ((("color",), has_color), (("shape",), has_shape),
+                             (("color", "shape"), has_color and has_shape)) if ok]
     if not modes:
         return None
-    mode = rng.choice(modes)
-    for _ in range(20):
-        out = list(words)
-        for i, w in enumerate(words):
-            if w in colors and mode != "shapes":
-                out[i] = rng.choice([c for c in colors if c != w])
-            elif w in shapes and mode != "colors":
-                out[i] = rng.choice([s for s in shapes if s != w])
-            elif w in singular_of and mode != "colors":
-                out[i] = plurals[rng.choice([s for s in shapes if s != singular_of[w]])]
-            if out[i] != w and i >= 2 and out[i - 2].lower() in ("a", "an"):
-                article = "an" if out[i][0] in "aeiou" else "a"
-                out[i - 2] = article.capitalize() if out[i - 2][0].isupper() else article
-        tokens = [singular_of.get(t, t) for t in out[::2] if t]
-        if not set(zip(tokens, tokens[1:], strict=False)) & held_out:
-            return "".join(out)
-    return None
+    return swapper.swap(caption, rng, rng.choice(modes), every=True)
 
 
 def corrupt_captions(
@@ -350,8 +333,9 @@ def corrupt_captions(
     captions_file, out_file = Path(captions_file), Path(out_file)
     data = _require_keys(_load_json(captions_file), captions_file, ("images", "annotations"), "COCO captions")
     rng = random.Random(f"corrupt/{seed}")
-    held = {(c, s) for c, s in held_out_combos}
     plural_map = dict(PLURALS) if plurals is None else plurals
+    swapper = WordSwapper([WordGroup("color", tuple(colors)), WordGroup("shape", tuple(shapes), plural_map)],
+                          held_out_pairs=held_out_combos)
     annotations: list[Any] = []
     noisy = 0
     for record in data["annotations"]:
@@ -361,7 +345,7 @@ def corrupt_captions(
         record = {**record, "noisy": False}
         caption = record.get("caption")
         if isinstance(caption, str) and rng.random() < fraction:
-            swapped = _swap_words(caption, rng, colors, shapes, plural_map, held)
+            swapped = _swap_words(caption, rng, swapper)
             if swapped is not None and swapped != caption:
                 record["caption"], record["noisy"] = swapped, True
                 noisy += 1

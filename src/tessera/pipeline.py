@@ -17,7 +17,13 @@ from torch import nn
 
 from tessera.data.datasets import ConversationDataset, ImageCache, group_by_image, group_captions
 from tessera.data.images import ImageTransform, transform_from_meta
-from tessera.data.readers import read_coco_captions, read_llava, read_vqa, shapes_split_paths
+from tessera.data.readers import (
+    load_meta,
+    read_coco_captions,
+    read_llava,
+    read_vqa,
+    shapes_split_paths,
+)
 from tessera.data.records import Conversation, SkipStats
 from tessera.data.shapes_reading import reading_task_paths
 from tessera.data.templates import ChatTemplate, get_template, with_task
@@ -30,6 +36,7 @@ from tessera.presets.base import LVLMPreset, from_llava
 from tessera.presets.llava import LLaVAPreset
 from tessera.text.llama import LlamaDecoder
 from tessera.text.tokenizer import Tokenizer, train_bpe
+from tessera.text.word_swaps import WordSwapper
 from tessera.train.checkpoint import load_checkpoint
 from tessera.train.stage import StageConfig
 from tessera.train.tasks import ContrastiveTask, ConversationTask, LanguageModelTask
@@ -161,7 +168,10 @@ def train_lvlm(
         # The ViT pretrains at its own size even when the LVLM is fed larger images (tiling).
         side = preset.vision.image_size
         clip_images = images if size == side else ImageCache(ImageTransform(size=(side, side)), skips)
-        task = ContrastiveTask(group_captions(captions), tokenizer, clip_images, preset.text_tower.max_position_embeddings)
+        # NegCLIP's hard negatives: each caption with one colour / shape / size word swapped.
+        swapper = WordSwapper.for_shapesworld(load_meta(data_dir)) if preset.clip_hard_negatives else None
+        task = ContrastiveTask(group_captions(captions), tokenizer, clip_images, preset.text_tower.max_position_embeddings,
+                               hard_negatives=swapper)
         run(clip, preset.clip_stage, task, out / "clip")
     if "lm" in stages:
         lm = LlamaDecoder(preset.llm.model_copy(update={"vocab_size": tokenizer.vocab_size}))

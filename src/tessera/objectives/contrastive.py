@@ -49,7 +49,7 @@ def _global_layout(local_size: int, device: torch.device, distributed: bool,
 
 
 def clip_loss(
-    image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor, *,
+    image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor, *, hard_negative_texts: Tensor | None = None,
     distributed: bool = False, group: dist.ProcessGroup | None = None,
 ) -> Tensor:
     """CLIP's symmetric ITC loss. image_emb, text_emb (n, P) unit-norm, pair i matching pair i;
@@ -59,13 +59,26 @@ def clip_loss(
     over the batch. With `distributed=True` this rank's images are scored against ALL texts and
     its texts against ALL images; the returned share is (world / N) · 0.5 · (sum of this rank's
     row losses + its column losses), whose mean over ranks is the global loss.
+
+    `hard_negative_texts` (m, P), NegCLIP's hard negatives (captions with a word swapped, see
+    text/word_swaps.py): extra columns of the image→text softmax only, never a positive and
+    never a row of text→image. Distributed, every rank's hard negatives are gathered as the
+    texts are, so the loss stays the single-process loss over the global batch.
     """
     _check_pairs(image_emb, text_emb)
     sizes, start, world = _global_layout(image_emb.shape[0], image_emb.device, distributed, group)
     all_images = gather_with_grad(image_emb, group, sizes) if world > 1 else image_emb
     all_texts = gather_with_grad(text_emb, group, sizes) if world > 1 else text_emb
+    if hard_negative_texts is not None:
+        if hard_negative_texts.ndim != 2 or hard_negative_texts.shape[1] != text_emb.shape[1]:
+            raise ValueError(f"hard_negative_texts must be (m, {text_emb.shape[1]}), "
+                             f"got {tuple(hard_negative_texts.shape)}")
+        if world > 1:
+            negative_sizes = gather_sizes(hard_negative_texts.shape[0], image_emb.device, group)
+            hard_negative_texts = gather_with_grad(hard_negative_texts, group, negative_sizes)
+        all_texts = torch.cat([all_texts, hard_negative_texts])
     scale = logit_scale.exp()
-    image_to_text = scale * image_emb @ all_texts.t()  # (n, N)
+    image_to_text = scale * image_emb @ all_texts.t()  # (n, N [+ M hard negatives])
     text_to_image = scale * text_emb @ all_images.t()  # (n, N)
     labels = torch.arange(start, start + image_emb.shape[0], device=image_emb.device)
     summed = F.cross_entropy(image_to_text, labels, reduction="sum") + F.cross_entropy(

@@ -28,6 +28,9 @@ class LLaVAPreset(Config):
     vision_feature_layer: int = -2
     tokenizer_vocab_size: int = 1024
     clip_stage: StageConfig | None = None
+    # The clip stage also scores each caption against itself with one attribute word swapped
+    # (NegCLIP); ShapesWorld's word lists come from the dataset's meta.json.
+    clip_hard_negatives: bool = False
     lm_stage: StageConfig | None = None
     align_stage: StageConfig  # LLaVA stage 1
     instruct_stage: StageConfig  # LLaVA stage 2

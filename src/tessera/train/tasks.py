@@ -9,7 +9,9 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +24,7 @@ from tessera.models.dual_encoder import DualEncoder, SigLIPDualEncoder
 from tessera.objectives.contrastive import clip_loss, siglip_loss
 from tessera.objectives.lm import next_token_loss
 from tessera.text.tokenizer import Tokenizer
+from tessera.text.word_swaps import WordSwapper
 
 
 def _check_objectives(objectives: dict[str, float], allowed: set[str], task: str) -> None:
@@ -34,6 +37,18 @@ def _check_objectives(objectives: dict[str, float], allowed: set[str], task: str
 CONTRASTIVE_OBJECTIVES: tuple[str, ...] = ("itc", "sigmoid")
 
 
+@dataclass
+class ContrastiveBatch:
+    """Images (B, 3, H, W), their captions' ids and mask (B, L); optionally hard-negative
+    captions (M, L') for the image→text side."""
+
+    pixels: Tensor
+    ids: Tensor
+    mask: Tensor
+    negative_ids: Tensor | None = None
+    negative_mask: Tensor | None = None
+
+
 class ContrastiveTask:
     """Image-caption pairs (one caption drawn per image and step) for a dual encoder.
 
@@ -42,19 +57,26 @@ class ContrastiveTask:
     SigLIPDualEncoder, itc otherwise. `distributed` makes the loss cover the global batch of
     all ranks (features gathered with gradients, see objectives.contrastive). SigLIP's text
     tower pools the LAST position, so its texts must all have one length: `pad_to_max_length`
-    pads every text to `max_text_length`, as SigLIP pads to its 64 tokens.
+    pads every text to `max_text_length`, as SigLIP pads to its 64 tokens. `hard_negatives`
+    (ITC only) adds, for each drawn caption, that caption with one attribute word swapped as an
+    extra image→text negative (NegCLIP; see text/word_swaps.py): on ShapesWorld the in-batch
+    negatives differ in their colours almost always, and without such captions the ViT learns
+    colour but hardly shape.
     """
 
     def __init__(
         self, pairs: Sequence[CaptionPairs], tokenizer: Tokenizer, images: ImageCache,
         max_text_length: int, objectives: dict[str, float] | None = None, *,
-        distributed: bool = False, pad_to_max_length: bool = False,
+        distributed: bool = False, pad_to_max_length: bool = False, hard_negatives: WordSwapper | None = None,
     ) -> None:
         if objectives is not None:
             _check_objectives(objectives, set(CONTRASTIVE_OBJECTIVES), "ContrastiveTask")
             if len(objectives) != 1:
                 raise ValueError(f"ContrastiveTask trains one loss, 'itc' or 'sigmoid'; got {sorted(objectives)}")
         self.objectives = objectives
+        if hard_negatives is not None and objectives is not None and "itc" not in objectives:
+            raise ValueError(f"hard-negative captions are implemented for the itc objective only, not {sorted(objectives)}")
+        self.hard_negatives = hard_negatives
         self.distributed, self.pad_to_max_length = distributed, pad_to_max_length
         self.pairs, self.tokenizer, self.images = pairs, tokenizer, images
         self.max_text_length = max_text_length
@@ -64,17 +86,21 @@ class ContrastiveTask:
     def num_examples(self) -> int:
         return len(self.pairs)
 
-    def encode_texts(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
-        """Right-padded ids ending in EOS (B, L) and their mask."""
-        rows = [self.tokenizer.encode(t)[: self.max_text_length - 1] + [self.tokenizer.eos_id] for t in texts]
+    def token_rows(self, texts: Sequence[str]) -> list[list[int]]:
+        """Each text's ids, truncated to max_text_length with the EOS kept last."""
+        return [self.tokenizer.encode(t)[: self.max_text_length - 1] + [self.tokenizer.eos_id] for t in texts]
+
+    def encode_texts(self, texts: Sequence[str] | None = None, rows: list[list[int]] | None = None) -> tuple[Tensor, Tensor]:
+        """Right-padded ids ending in EOS (B, L) and their mask, from texts or `token_rows`."""
+        rows = self.token_rows(texts or []) if rows is None else rows
         length = self.max_text_length if self.pad_to_max_length else max(len(r) for r in rows)
         ids = torch.full((len(rows), length), self.tokenizer.pad_id, dtype=torch.long)
         for i, r in enumerate(rows):
             ids[i, : len(r)] = torch.tensor(r)
         return ids, ids != self.tokenizer.pad_id
 
-    def make_batch(self, indices: list[int]) -> tuple[Tensor, Tensor, Tensor] | None:
-        pixels, texts = [], []
+    def make_batch(self, indices: list[int]) -> ContrastiveBatch | None:
+        pixels, texts, negatives = [], [], []
         # One caption per image, drawn from torch's RNG so a resumed run draws the same.
         choices = torch.randint(0, 1 << 30, (len(indices),)).tolist()
         for i, choice in zip(indices, choices, strict=True):
@@ -84,10 +110,22 @@ class ContrastiveTask:
                 continue
             pixels.append(px)
             texts.append(pair.captions[choice % len(pair.captions)])
+            if self.hard_negatives is not None:
+                negatives.append(self.hard_negatives.swap(texts[-1], random.Random(choice)))
         if len(pixels) < 2:
             return None
-        ids, mask = self.encode_texts(texts)
-        return self.images.normalize(torch.stack(pixels)), ids, mask
+        rows = self.token_rows(texts)
+        ids, mask = self.encode_texts(rows=rows)
+        batch = ContrastiveBatch(self.images.normalize(torch.stack(pixels)), ids, mask)
+        if self.hard_negatives is None:
+            return batch
+        # A swap past the truncation point would leave the positive itself as a "negative".
+        swapped = [(row, text) for row, text in zip(rows, negatives, strict=True) if text is not None]
+        negative_rows = [negative for (row, _), negative in zip(swapped, self.token_rows([t for _, t in swapped]),
+                                                                strict=True) if negative != row]
+        if negative_rows:
+            batch.negative_ids, batch.negative_mask = self.encode_texts(rows=negative_rows)
+        return batch
 
     def objective(self, model: nn.Module) -> tuple[str, float]:
         """(loss name, weight) this task trains `model` with."""
@@ -96,12 +134,13 @@ class ContrastiveTask:
         ((name, weight),) = self.objectives.items()
         return name, weight
 
-    def loss(self, model: nn.Module, batch: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, model: nn.Module, batch: ContrastiveBatch) -> tuple[Tensor, dict[str, float]]:
         if not isinstance(model, DualEncoder | SigLIPDualEncoder):
             raise TypeError(f"ContrastiveTask trains a dual encoder, not a {type(model).__name__}")
-        images, ids, mask = batch
-        img, txt = model.encode_image(images), model.encode_text(ids, mask)
+        img, txt = model.encode_image(batch.pixels), model.encode_text(batch.ids, batch.mask)
         name, weight = self.objective(model)
+        if self.hard_negatives is not None and name != "itc":
+            raise ValueError(f"hard-negative captions are implemented for the itc objective only, not {name!r}")
         logs = {"logit_scale": float(model.logit_scale.detach().exp())}
         if name == "sigmoid":
             bias = getattr(model, "logit_bias", None)
@@ -110,7 +149,13 @@ class ContrastiveTask:
             loss = siglip_loss(img, txt, model.logit_scale, bias, distributed=self.distributed)
             logs["logit_bias"] = float(bias.detach())
         else:
-            loss = clip_loss(img, txt, model.logit_scale, distributed=self.distributed)
+            negatives = None
+            if self.hard_negatives is not None:
+                # Every rank encodes (possibly zero) negatives, so the gather in clip_loss matches.
+                negatives = (model.encode_text(batch.negative_ids, batch.negative_mask)
+                             if batch.negative_ids is not None else txt[:0])
+            loss = clip_loss(img, txt, model.logit_scale, hard_negative_texts=negatives,
+                             distributed=self.distributed)
         with torch.no_grad():
             logs["i2t_acc"] = float(((img @ txt.t()).argmax(1) == torch.arange(len(img))).float().mean())
         return weight * loss, logs

@@ -121,6 +121,10 @@ class VisionEmbeddings(nn.Module):
             bias=cfg.patch_bias,
         )
         self.position_embedding = nn.Embedding(cfg.num_positions, cfg.hidden_size)
+        # Hugging Face CLIP's initializer_range. nn.Embedding's N(0, 1) would swamp the patch
+        # content: a tiny ViT trained from scratch then learns colour at once but object shape
+        # only slowly (measured on ShapesWorld, see RESULTS.md).
+        nn.init.normal_(self.position_embedding.weight, std=0.02)
 
     def positions(self, rows: int, cols: int) -> Tensor:
         """(S, E) position embeddings for a rows×cols patch grid, bicubic-interpolated when it
