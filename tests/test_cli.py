@@ -213,3 +213,11 @@ def test_train_on_a_missing_data_folder_exits_2(tmp_path: Path) -> None:
 
 def test_quickstart_rejects_an_unknown_preset(tmp_path: Path) -> None:
     assert_fails_with(invoke("quickstart", "--out", tmp_path / "qs", "--preset", "llava-huge"), "unknown preset")
+
+
+def test_train_clip_stage_with_hard_negatives(tmp_path: Path, shapes_dir: Path) -> None:
+    result = invoke("train", "--data", shapes_dir, "--out", tmp_path / "run", "--stage", "clip",
+                    "--clip-hard-negatives", "--step-scale", "0.005")
+    assert result.exit_code == 0, result.output
+    assert "clip: 3 steps" in result.output
+    assert (tmp_path / "run" / "clip" / "final" / "model.safetensors").is_file()

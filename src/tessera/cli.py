@@ -102,6 +102,9 @@ def train(
     stage: Annotated[list[str] | None, typer.Option(help="stages to run (repeat); default all: clip lm align instruct")] = None,
     resume: Annotated[Path | None, typer.Option(help="step checkpoint of the (single) stage to resume")] = None,
     step_scale: float = 1.0, seed: int = 0,
+    clip_hard_negatives: Annotated[bool | None, typer.Option(
+        help="clip stage: also score each caption with one colour / shape / size word swapped (NegCLIP); "
+             "default: the preset's")] = None,
 ) -> None:
     """Train the LLaVA pipeline: CLIP-style ViT, LM, then LLaVA stages 1 (align) and 2 (instruct)."""
     from tessera.pipeline import STAGES, train_llava
@@ -114,8 +117,10 @@ def train(
             _fail("--resume needs exactly one --stage")
         resume_map = {stages[0]: resume}
     try:
-        result = train_llava(get_preset(preset), data, out, stages=stages, step_scale=step_scale, seed=seed,
-                             resume=resume_map)
+        chosen = get_preset(preset)
+        if clip_hard_negatives is not None:
+            chosen = chosen.model_copy(update={"clip_hard_negatives": clip_hard_negatives})
+        result = train_llava(chosen, data, out, stages=stages, step_scale=step_scale, seed=seed, resume=resume_map)
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
     for r in result.stages:
