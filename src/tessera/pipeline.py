@@ -20,6 +20,7 @@ from tessera.data.images import ImageTransform, transform_from_meta
 from tessera.data.readers import (
     load_meta,
     read_coco_captions,
+    read_coco_regions,
     read_llava,
     read_vqa,
     shapes_split_paths,
@@ -170,8 +171,12 @@ def train_lvlm(
         clip_images = images if size == side else ImageCache(ImageTransform(size=(side, side)), skips)
         # NegCLIP's hard negatives: each caption with one colour / shape / size word swapped.
         swapper = WordSwapper.for_shapesworld(load_meta(data_dir)) if preset.clip_hard_negatives else None
+        regions = None
+        if "region" in preset.clip_stage.objectives:
+            regions, region_skips = read_coco_regions(train_paths["objects"], data_dir)
+            skips.merge(region_skips)
         task = ContrastiveTask(group_captions(captions), tokenizer, clip_images, preset.text_tower.max_position_embeddings,
-                               hard_negatives=swapper)
+                               dict(preset.clip_stage.objectives), hard_negatives=swapper, regions=regions)
         run(clip, preset.clip_stage, task, out / "clip")
     if "lm" in stages:
         lm = LlamaDecoder(preset.llm.model_copy(update={"vocab_size": tokenizer.vocab_size}))

@@ -13,11 +13,13 @@ ShapesWorld (``tessera.data.shapes``) writes these same formats; ``load_meta`` a
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tessera.data.records import Caption, Conversation, Role, SkipStats, Turn, VQAItem
+from PIL import Image
+
+from tessera.data.records import Caption, Conversation, RegionPhrase, Role, SkipStats, Turn, VQAItem
 from tessera.data.shapes import FORMAT_NAME, FORMAT_VERSION, META_FILE, SPLIT_FILES, SPLITS
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -197,6 +199,68 @@ def read_coco_captions(path: str | Path, image_root: str | Path) -> tuple[list[C
         else:
             records.append(Caption(image_id=image_id, image=image, caption=caption.strip()))
     return records, stats
+
+
+# --- COCO instances as region phrases -------------------------------------------------------
+
+
+def region_phrase(category: str, attributes: Sequence[str] = ()) -> str:
+    """"a large red circle." from the category name and its attribute words, in order."""
+    words = " ".join([*attributes, category])
+    return f"{'an' if words[:1].lower() in 'aeiou' else 'a'} {words}."
+
+
+def read_coco_regions(path: str | Path, image_root: str | Path,
+                      attributes: Sequence[str] = ("size", "color")) -> tuple[dict[Path, list[RegionPhrase]], SkipStats]:
+    """A COCO instances file (``images``, ``categories``, ``annotations`` with ``bbox``) as region
+    phrases per image file: each object's box (relative to the image's "width" and "height",
+    read from the file when the entry lacks them) and "a <attributes...> <category>." where
+    `attributes` name optional string fields of the annotation (ShapesWorld's "size" and
+    "color"). Malformed annotations and missing images are skipped and counted."""
+    path = Path(path)
+    data = _require_keys(_load_json(path), path, ("images", "categories", "annotations"), "COCO instances")
+    stats = SkipStats()
+    images = _ImageResolver(image_root)
+    files = _coco_image_files(data["images"], path, stats)
+    names = {c["id"]: c["name"] for c in data["categories"]
+             if isinstance(c, dict) and _is_int(c.get("id")) and isinstance(c.get("name"), str)}
+    declared = {e["id"]: (e["width"], e["height"]) for e in data["images"]
+                if isinstance(e, dict) and _is_int(e.get("width")) and _is_int(e.get("height"))
+                and e["width"] > 0 and e["height"] > 0}
+    sizes: dict[int, tuple[int, int]] = {}
+
+    def image_size(image_id: int, image: Path) -> tuple[int, int]:
+        if image_id not in sizes:
+            if image_id in declared:
+                sizes[image_id] = declared[image_id]
+            else:
+                with Image.open(image) as img:
+                    sizes[image_id] = img.size
+        return sizes[image_id]
+
+    regions: dict[Path, list[RegionPhrase]] = {}
+    for index, annotation in enumerate(data["annotations"]):
+        where = f"{path}[annotations {index}]"
+        if not isinstance(annotation, dict):
+            stats.skip("record is not a JSON object", where)
+            continue
+        box = annotation.get("bbox")
+        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, int | float) for v in box)
+                and box[2] > 0 and box[3] > 0):
+            stats.skip("missing or invalid 'bbox'", where)
+        elif annotation.get("category_id") not in names:
+            stats.skip("unknown category_id", where)
+        elif annotation.get("image_id") not in files:
+            stats.skip("unknown image_id", where)
+        elif not images.exists(image := images.resolve(files[annotation["image_id"]])):
+            stats.skip("image file not found", where)
+        else:
+            width, height = image_size(annotation["image_id"], image)
+            x, y, w, h = (float(v) for v in box)
+            words = [annotation[a] for a in attributes if isinstance(annotation.get(a), str)]
+            regions.setdefault(image, []).append(RegionPhrase(
+                (x / width, y / height, w / width, h / height), region_phrase(names[annotation["category_id"]], words)))
+    return regions, stats
 
 
 # --- VQA v2 -----------------------------------------------------------------------------------

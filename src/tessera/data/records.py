@@ -35,6 +35,16 @@ class Caption:
 
 
 @dataclass(frozen=True)
+class RegionPhrase:
+    """One object of an image: its box (x, y, width, height as FRACTIONS of the image's width
+    and height, so that it holds at any resize) and a short phrase naming it ("a large red
+    circle.")."""
+
+    box: tuple[float, float, float, float]
+    phrase: str
+
+
+@dataclass(frozen=True)
 class VQAItem:
     question_id: int
     image_id: int

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from tessera.config import Config
 from tessera.text.clip_text import CLIPTextConfig, CLIPTextTransformer
-from tessera.vision.vit import VisionTransformer, ViTConfig
+from tessera.vision.vit import VisionTransformer, ViTConfig, box_pool
 
 
 class DualEncoderConfig(Config):
@@ -55,6 +55,19 @@ class DualEncoder(nn.Module):
         """(B, P) unit-norm text embeddings."""
         _, pooled = self.text_model(input_ids, attention_mask)
         return F.normalize(self.text_projection(pooled), dim=-1)
+
+    def encode_image_and_regions(self, images: Tensor, image_index: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
+        """One ViT pass over images (N, 3, H, W) → (N, P) image embeddings and (M, P) region
+        embeddings: the last layer's patch tokens averaged under each box (`box_pool`; boxes
+        (M, 4) in pixels, image_index (M,)), then post_layernorm and the projection, the path
+        the class token takes."""
+        vision = self.vision_model
+        out = vision(images)
+        image_emb = F.normalize(self.visual_projection(vision.pooled(out)), dim=-1)
+        (rows, cols), = set(out.grids)
+        patches = out.patch_tokens().view(len(out.grids), rows, cols, -1)
+        regions = box_pool(patches, image_index, boxes, vision.cfg.patch_size)
+        return image_emb, F.normalize(self.visual_projection(vision.post_layernorm(regions)), dim=-1)
 
     @torch.no_grad()
     def clamp_logit_scale(self) -> None:

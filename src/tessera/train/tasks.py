@@ -10,18 +10,19 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from tessera.data.collate import Batch, Sample, pack_collate, pad_collate
 from tessera.data.datasets import CaptionPairs, ConversationDataset, ImageCache, text_sample
-from tessera.data.records import SkipStats
+from tessera.data.records import RegionPhrase, SkipStats
 from tessera.data.templates import IGNORE_INDEX
 from tessera.models.dual_encoder import DualEncoder, SigLIPDualEncoder
-from tessera.objectives.contrastive import clip_loss, siglip_loss
+from tessera.objectives.contrastive import clip_loss, region_phrase_loss, siglip_loss
 from tessera.objectives.lm import next_token_loss
 from tessera.text.tokenizer import Tokenizer
 from tessera.text.word_swaps import WordSwapper
@@ -33,8 +34,9 @@ def _check_objectives(objectives: dict[str, float], allowed: set[str], task: str
         raise ValueError(f"{task} has no objective {sorted(unknown)}; allowed: {sorted(allowed)}")
 
 
-# ContrastiveTask's losses: CLIP's softmax ITC and SigLIP's pairwise sigmoid.
-CONTRASTIVE_OBJECTIVES: tuple[str, ...] = ("itc", "sigmoid")
+# ContrastiveTask's losses: CLIP's softmax ITC or SigLIP's pairwise sigmoid, plus optionally
+# the region-phrase ITC of object boxes (with itc).
+CONTRASTIVE_OBJECTIVES: tuple[str, ...] = ("itc", "sigmoid", "region")
 
 
 @dataclass
@@ -47,6 +49,13 @@ class ContrastiveBatch:
     mask: Tensor
     negative_ids: Tensor | None = None
     negative_mask: Tensor | None = None
+    # Region phrases: box (M, 4) in pixels of `pixels`, its image in the batch (M,), the distinct phrases'
+    # ids and mask (U, L'') and each box's phrase index (M,).
+    region_boxes: Tensor | None = None
+    region_image_index: Tensor | None = None
+    phrase_ids: Tensor | None = None
+    phrase_mask: Tensor | None = None
+    region_targets: Tensor | None = None
 
 
 class ContrastiveTask:
@@ -61,18 +70,29 @@ class ContrastiveTask:
     (ITC only) adds, for each drawn caption, that caption with one attribute word swapped as an
     extra image→text negative (NegCLIP; see text/word_swaps.py): on ShapesWorld the in-batch
     negatives differ in their colours almost always, and without such captions the ViT learns
-    colour but hardly shape.
+    colour but hardly shape. {"region": w} beside "itc" adds the region-phrase loss over
+    `regions` (image file → its objects' boxes and phrases, `read_coco_regions`): object boxes
+    pooled from the patch tokens against phrases like "a large red circle.", the local signal
+    that makes the patch tokens (what LLaVA's connector reads) encode shape.
     """
 
     def __init__(
         self, pairs: Sequence[CaptionPairs], tokenizer: Tokenizer, images: ImageCache,
         max_text_length: int, objectives: dict[str, float] | None = None, *,
         distributed: bool = False, pad_to_max_length: bool = False, hard_negatives: WordSwapper | None = None,
+        regions: Mapping[Path, Sequence[RegionPhrase]] | None = None,
     ) -> None:
         if objectives is not None:
             _check_objectives(objectives, set(CONTRASTIVE_OBJECTIVES), "ContrastiveTask")
-            if len(objectives) != 1:
-                raise ValueError(f"ContrastiveTask trains one loss, 'itc' or 'sigmoid'; got {sorted(objectives)}")
+            main = set(objectives) - {"region"}
+            if len(main) != 1:
+                raise ValueError(f"ContrastiveTask trains one loss, 'itc' or 'sigmoid' (plus 'region' with itc); "
+                                 f"got {sorted(objectives)}")
+            if "region" in objectives and main != {"itc"}:
+                raise ValueError("the region objective goes with itc, not sigmoid")
+            if "region" in objectives and regions is None:
+                raise ValueError("the region objective needs `regions` (image file → boxes and phrases)")
+        self.regions = regions if objectives is not None and "region" in objectives else None
         self.objectives = objectives
         if hard_negatives is not None and objectives is not None and "itc" not in objectives:
             raise ValueError(f"hard-negative captions are implemented for the itc objective only, not {sorted(objectives)}")
@@ -100,7 +120,7 @@ class ContrastiveTask:
         return ids, ids != self.tokenizer.pad_id
 
     def make_batch(self, indices: list[int]) -> ContrastiveBatch | None:
-        pixels, texts, negatives = [], [], []
+        pixels, texts, negatives, kept = [], [], [], []
         # One caption per image, drawn from torch's RNG so a resumed run draws the same.
         choices = torch.randint(0, 1 << 30, (len(indices),)).tolist()
         for i, choice in zip(indices, choices, strict=True):
@@ -109,6 +129,7 @@ class ContrastiveTask:
             if px is None:
                 continue
             pixels.append(px)
+            kept.append(pair.image)
             texts.append(pair.captions[choice % len(pair.captions)])
             if self.hard_negatives is not None:
                 negatives.append(self.hard_negatives.swap(texts[-1], random.Random(choice)))
@@ -117,6 +138,8 @@ class ContrastiveTask:
         rows = self.token_rows(texts)
         ids, mask = self.encode_texts(rows=rows)
         batch = ContrastiveBatch(self.images.normalize(torch.stack(pixels)), ids, mask)
+        if self.regions is not None:
+            self._add_regions(batch, kept)
         if self.hard_negatives is None:
             return batch
         # A swap past the truncation point would leave the positive itself as a "negative".
@@ -127,18 +150,44 @@ class ContrastiveTask:
             batch.negative_ids, batch.negative_mask = self.encode_texts(rows=negative_rows)
         return batch
 
+    def _add_regions(self, batch: ContrastiveBatch, images: Sequence[Path]) -> None:
+        assert self.regions is not None
+        boxes, owners, phrases = [], [], []
+        for k, image in enumerate(images):
+            for region in self.regions.get(image, ()):
+                boxes.append(region.box)
+                owners.append(k)
+                phrases.append(region.phrase)
+        if not boxes:
+            return
+        distinct = sorted(set(phrases))
+        height, width = batch.pixels.shape[-2:]
+        batch.region_boxes = torch.tensor(boxes, dtype=torch.float32) * torch.tensor([width, height, width, height])
+        batch.region_image_index = torch.tensor(owners)
+        batch.phrase_ids, batch.phrase_mask = self.encode_texts(distinct)
+        batch.region_targets = torch.tensor([distinct.index(p) for p in phrases])
+
     def objective(self, model: nn.Module) -> tuple[str, float]:
         """(loss name, weight) this task trains `model` with."""
         if self.objectives is None:
             return ("sigmoid" if isinstance(model, SigLIPDualEncoder) else "itc"), 1.0
-        ((name, weight),) = self.objectives.items()
+        ((name, weight),) = ((n, w) for n, w in self.objectives.items() if n != "region")
         return name, weight
 
     def loss(self, model: nn.Module, batch: ContrastiveBatch) -> tuple[Tensor, dict[str, float]]:
         if not isinstance(model, DualEncoder | SigLIPDualEncoder):
             raise TypeError(f"ContrastiveTask trains a dual encoder, not a {type(model).__name__}")
-        img, txt = model.encode_image(batch.pixels), model.encode_text(batch.ids, batch.mask)
         name, weight = self.objective(model)
+        region_loss = None
+        if self.regions is not None and batch.region_boxes is not None:
+            if not isinstance(model, DualEncoder):
+                raise TypeError(f"the region objective needs a CLIP-style DualEncoder, not {type(model).__name__}")
+            img, regions = model.encode_image_and_regions(batch.pixels, batch.region_image_index, batch.region_boxes)
+            phrases = model.encode_text(batch.phrase_ids, batch.phrase_mask)
+            region_loss = region_phrase_loss(regions, phrases, batch.region_targets, model.logit_scale)
+        else:
+            img = model.encode_image(batch.pixels)
+        txt = model.encode_text(batch.ids, batch.mask)
         if self.hard_negatives is not None and name != "itc":
             raise ValueError(f"hard-negative captions are implemented for the itc objective only, not {name!r}")
         logs = {"logit_scale": float(model.logit_scale.detach().exp())}
@@ -158,7 +207,10 @@ class ContrastiveTask:
                              distributed=self.distributed)
         with torch.no_grad():
             logs["i2t_acc"] = float(((img @ txt.t()).argmax(1) == torch.arange(len(img))).float().mean())
-        return weight * loss, logs
+        if region_loss is None:
+            return weight * loss, logs
+        logs[name], logs["region"] = float(loss.detach()), float(region_loss.detach())
+        return weight * loss + self.objectives["region"] * region_loss, logs
 
     def after_step(self, model: nn.Module) -> None:
         clamp = getattr(model, "clamp_logit_scale", None)  # CLIP clamps its scale; SigLIP does not

@@ -110,6 +110,27 @@ class VisionOutput:
         return self.hidden[self.cu_seqlens[:-1].long()]
 
 
+def box_pool(patch_grid: Tensor, image_index: Tensor, boxes: Tensor, patch_size: int) -> Tensor:
+    """Mean patch token under each box: patch_grid (N, R, C, E) of N images, image_index (M,)
+    the image of each box, boxes (M, 4) as (x, y, width, height) in pixels → (M, E). A patch
+    counts when it overlaps the box by at least one pixel."""
+    if boxes.ndim != 2 or boxes.shape[1] != 4 or image_index.shape != boxes.shape[:1]:
+        raise ValueError(f"expected boxes (M, 4) and image_index (M,), got {tuple(boxes.shape)} and "
+                         f"{tuple(image_index.shape)}")
+    rows, cols = patch_grid.shape[1:3]
+    starts_r = torch.arange(rows, device=boxes.device) * patch_size
+    starts_c = torch.arange(cols, device=boxes.device) * patch_size
+    x, y, w, h = boxes.unbind(1)
+    in_rows = (starts_r[None] < (y + h)[:, None]) & (starts_r[None] + patch_size > y[:, None])  # (M, R)
+    in_cols = (starts_c[None] < (x + w)[:, None]) & (starts_c[None] + patch_size > x[:, None])  # (M, C)
+    cells = (in_rows[:, :, None] & in_cols[:, None, :]).to(patch_grid.dtype)  # (M, R, C)
+    counts = cells.sum(dim=(1, 2))
+    if bool((counts == 0).any()):
+        raise ValueError("a box lies outside its image's patch grid")
+    pooled = torch.einsum("mrc,mrce->me", cells, patch_grid[image_index])
+    return pooled / counts[:, None]
+
+
 class VisionEmbeddings(nn.Module):
     def __init__(self, cfg: ViTConfig) -> None:
         super().__init__()

@@ -1,0 +1,124 @@
+"""Region phrases: reading object boxes, pooling patch tokens under them, and the region loss."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tessera.data.datasets import ImageCache, group_captions
+from tessera.data.images import ImageTransform
+from tessera.data.readers import (
+    read_coco_captions,
+    read_coco_regions,
+    region_phrase,
+    shapes_split_paths,
+)
+from tessera.data.records import SkipStats
+from tessera.data.shapes import ShapesConfig, generate_shapes
+from tessera.models.dual_encoder import DualEncoder, DualEncoderConfig
+from tessera.objectives.contrastive import clip_loss, region_phrase_loss
+from tessera.text.clip_text import CLIPTextConfig
+from tessera.text.tokenizer import train_bpe
+from tessera.train.tasks import ContrastiveTask
+from tessera.vision.vit import ViTConfig, box_pool
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("shapes")
+    generate_shapes(ShapesConfig(seed=3, num_train=8, num_val=1, num_test=1, num_test_comp=1, image_size=32), root,
+                    progress=False)
+    return root
+
+
+def test_region_phrases_name_size_colour_and_shape(shapes: Path) -> None:
+    path = shapes_split_paths(shapes, "train")["objects"]
+    regions, skips = read_coco_regions(path, shapes)
+    data = json.loads(path.read_text())
+    assert sum(len(r) for r in regions.values()) == len(data["annotations"]) and skips.total == 0
+    first = data["annotations"][0]
+    names = {c["id"]: c["name"] for c in data["categories"]}
+    image = next(shapes / i["file_name"] for i in data["images"] if i["id"] == first["image_id"])
+    phrase = f"{first['size']} {first['color']} {names[first['category_id']]}."
+    entry = next(i for i in data["images"] if i["id"] == first["image_id"])
+    x, y, w, h = first["bbox"]
+    relative = (x / entry["width"], y / entry["height"], w / entry["width"], h / entry["height"])
+    assert any(r.phrase.endswith(phrase) and r.box == pytest.approx(relative) for r in regions[image])
+    assert region_phrase("circle", ["orange"]) == "an orange circle."
+
+
+def test_bad_region_records_are_skipped_and_counted(shapes: Path, tmp_path: Path) -> None:
+    data = json.loads(shapes_split_paths(shapes, "train")["objects"].read_text())
+    good = len(data["annotations"])
+    data["annotations"] += [
+        "not an object",
+        {**data["annotations"][0], "bbox": [1, 2, 0, 4]},
+        {**data["annotations"][0], "bbox": None},
+        {**data["annotations"][0], "category_id": 999},
+        {**data["annotations"][0], "image_id": 999},
+    ]
+    bad = tmp_path / "objects.json"
+    bad.write_text(json.dumps(data))
+    regions, skips = read_coco_regions(bad, shapes)
+    assert sum(len(r) for r in regions.values()) == good
+    assert skips.total == 5
+    assert {"missing or invalid 'bbox'", "unknown category_id", "unknown image_id"} <= set(skips.reasons)
+
+
+def test_box_pool_averages_the_patches_a_box_touches() -> None:
+    grid = torch.arange(2 * 4 * 4 * 3, dtype=torch.float32).view(2, 4, 4, 3)
+    boxes = torch.tensor([[0.0, 0.0, 8.0, 8.0], [9.0, 3.0, 6.0, 14.0], [31.0, 31.0, 1.0, 1.0]])
+    owners = torch.tensor([0, 1, 1])
+    pooled = box_pool(grid, owners, boxes, patch_size=8)
+    torch.testing.assert_close(pooled[0], grid[0, 0, 0])  # exactly one 8x8 patch
+    torch.testing.assert_close(pooled[1], grid[1, 0:3, 1].mean(0))  # x 9..14 → col 1; y 3..16 → rows 0..2
+    torch.testing.assert_close(pooled[2], grid[1, 3, 3])
+    with pytest.raises(ValueError, match="outside"):
+        box_pool(grid, torch.tensor([0]), torch.tensor([[40.0, 40.0, 2.0, 2.0]]), patch_size=8)
+
+
+def test_contrastive_task_adds_the_region_loss(shapes: Path) -> None:
+    paths = shapes_split_paths(shapes, "train")
+    captions, _ = read_coco_captions(paths["captions"], shapes)
+    regions, _ = read_coco_regions(paths["objects"], shapes)
+    tok = train_bpe([c.caption for c in captions] + [r.phrase for rs in regions.values() for r in rs], vocab_size=300)
+    images = ImageCache(ImageTransform(size=(32, 32)), SkipStats())
+    task = ContrastiveTask(group_captions(captions), tok, images, 48, {"itc": 1.0, "region": 0.5}, regions=regions)
+    batch = task.make_batch(list(range(4)))
+    assert batch is not None and batch.region_boxes is not None
+    owners = batch.region_image_index.tolist()
+    assert len(owners) == sum(len(regions[task.pairs[i].image]) for i in range(4))
+    torch.manual_seed(0)
+    model = DualEncoder(DualEncoderConfig(
+        vision=ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
+        text=CLIPTextConfig(vocab_size=tok.vocab_size, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
+                            max_position_embeddings=48, eos_token_id=tok.eos_id),
+        projection_dim=16))
+    loss, logs = task.loss(model, batch)
+    image_emb, region_emb = model.encode_image_and_regions(batch.pixels, batch.region_image_index, batch.region_boxes)
+    torch.testing.assert_close(image_emb, model.encode_image(batch.pixels))
+    expected = clip_loss(image_emb, model.encode_text(batch.ids, batch.mask), model.logit_scale) + 0.5 * region_phrase_loss(
+        region_emb, model.encode_text(batch.phrase_ids, batch.phrase_mask), batch.region_targets, model.logit_scale)
+    torch.testing.assert_close(loss, expected)
+    assert {"itc", "region"} <= set(logs)
+    # Each region's own phrase is its target.
+    phrases = [tok.decode(row[m].tolist()) for row, m in zip(batch.phrase_ids, batch.phrase_mask, strict=True)]
+    flat = [r.phrase for i in range(4) for r in regions[task.pairs[i].image]]
+    assert [phrases[t] for t in batch.region_targets.tolist()] == flat
+
+
+def test_region_objective_is_checked(shapes: Path) -> None:
+    paths = shapes_split_paths(shapes, "train")
+    captions, _ = read_coco_captions(paths["captions"], shapes)
+    tok = train_bpe([c.caption for c in captions], vocab_size=300)
+    images = ImageCache(ImageTransform(size=(32, 32)), SkipStats())
+    pairs = group_captions(captions)
+    with pytest.raises(ValueError, match="needs `regions`"):
+        ContrastiveTask(pairs, tok, images, 48, {"itc": 1.0, "region": 1.0})
+    with pytest.raises(ValueError, match="goes with itc"):
+        ContrastiveTask(pairs, tok, images, 48, {"sigmoid": 1.0, "region": 1.0}, regions={})
+    with pytest.raises(ValueError, match="one loss"):
+        ContrastiveTask(pairs, tok, images, 48, {"region": 1.0}, regions={})
