@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from tessera.config import Config
 from tessera.nn.layers import Activation
-from tessera.vision.vit import VisionOutput, ViTEncoder
+from tessera.vision.vit import VisionOutput, ViTEncoder, checked_inputs
 
 
 class NaViTConfig(Config):
@@ -197,16 +197,7 @@ class NaViT(nn.Module):
         The kept patches of an image are a uniform random subset (from `generator`), kept in
         raster order. Runs the first `num_layers` layers (all by default).
         """
-        n_layers = self.cfg.num_layers if num_layers is None else num_layers
-        if not 0 <= n_layers <= self.cfg.num_layers:
-            raise ValueError(f"num_layers {n_layers} outside [0, {self.cfg.num_layers}]")
-        if isinstance(images, Tensor) and images.dim() == 4:
-            images = list(images.unbind(0))
-        if len(images) == 0:
-            raise ValueError("the vision encoder got no images")
-        for i, img in enumerate(images):
-            if img.dim() != 3 or img.shape[0] != self.cfg.num_channels:
-                raise ValueError(f"image {i} has shape {tuple(img.shape)}; expected ({self.cfg.num_channels}, H, W)")
+        images, n_layers = checked_inputs(images, self.cfg.num_channels, num_layers, self.cfg.num_layers)
         grids = [self.token_grid(img.shape[1], img.shape[2]) for img in images]
         if drop_rate is None:
             drop_rate = self.cfg.token_drop_rate if self.training else 0.0

@@ -110,6 +110,25 @@ class VisionOutput:
         return self.hidden[self.cu_seqlens[:-1].long()]
 
 
+def checked_inputs(images: Sequence[Tensor] | Tensor, num_channels: int, num_layers: int | None,
+                   max_layers: int) -> tuple[list[Tensor], int]:
+    """The common input contract of the vision encoders: a (N, 3, H, W) batch or a list of
+    (3, H, W) images becomes a non-empty list, and `num_layers` (None: all) is checked against
+    the encoder's depth. Returns (images, number of layers to run)."""
+    n_layers = max_layers if num_layers is None else num_layers
+    if not 0 <= n_layers <= max_layers:
+        raise ValueError(f"num_layers {n_layers} outside [0, {max_layers}]")
+    if isinstance(images, Tensor) and images.dim() == 4:
+        images = list(images.unbind(0)) if images.shape[0] else []
+    images = list(images)
+    if len(images) == 0:
+        raise ValueError("the vision encoder got no images")
+    for i, img in enumerate(images):
+        if img.dim() != 3 or img.shape[0] != num_channels:
+            raise ValueError(f"image {i} has shape {tuple(img.shape)}; expected ({num_channels}, H, W)")
+    return images, n_layers
+
+
 def box_pool(patch_grid: Tensor, image_index: Tensor, boxes: Tensor, patch_size: int) -> Tensor:
     """Mean patch token under each box: patch_grid (N, R, C, E) of N images, image_index (M,)
     the image of each box, boxes (M, 4) as (x, y, width, height) in pixels → (M, E). A patch
@@ -274,16 +293,8 @@ class VisionTransformer(nn.Module):
         LLaVA reads the second-to-last layer: num_layers = L - 1 computes exactly that and
         skips the last layer instead of computing and discarding it.
         """
-        n_layers = self.cfg.num_layers if num_layers is None else num_layers
-        if not 0 <= n_layers <= self.cfg.num_layers:
-            raise ValueError(f"num_layers {n_layers} outside [0, {self.cfg.num_layers}]")
-        if isinstance(images, Tensor) and images.dim() == 4:
-            images = list(images.unbind(0)) if images.shape[0] else []
-        if len(images) == 0:
-            raise ValueError("the vision encoder got no images")
-        for i, img in enumerate(images):
-            if img.dim() != 3 or img.shape[0] != self.cfg.num_channels:
-                raise ValueError(f"image {i} has shape {tuple(img.shape)}; expected ({self.cfg.num_channels}, H, W)")
+        images, n_layers = checked_inputs(images, self.cfg.num_channels, num_layers, self.cfg.num_layers)
+        for img in images:
             self.num_tokens(img.shape[1], img.shape[2])
         p = self.cfg.patch_size
         grids = [(img.shape[1] // p, img.shape[2] // p) for img in images]

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from tessera.config import Config
 from tessera.nn.attention import attention
 from tessera.nn.layers import Activation, activation_fn
-from tessera.vision.vit import VisionOutput
+from tessera.vision.vit import VisionOutput, checked_inputs
 
 
 class ViTDetConfig(Config):
@@ -230,16 +230,7 @@ class ViTDet(nn.Module):
     def forward(self, images: Sequence[Tensor] | Tensor, num_layers: int | None = None) -> VisionOutput:
         """Encode a list of (3, H, W) images; hidden (T, C) holds each image's output tokens in
         raster order, image after image. Images of one size run as one batch."""
-        n_layers = self.cfg.num_layers if num_layers is None else num_layers
-        if not 0 <= n_layers <= self.cfg.num_layers:
-            raise ValueError(f"num_layers {n_layers} outside [0, {self.cfg.num_layers}]")
-        if isinstance(images, Tensor) and images.dim() == 4:
-            images = list(images.unbind(0))
-        if len(images) == 0:
-            raise ValueError("the vision encoder got no images")
-        for i, img in enumerate(images):
-            if img.dim() != 3 or img.shape[0] != self.cfg.num_channels:
-                raise ValueError(f"image {i} has shape {tuple(img.shape)}; expected ({self.cfg.num_channels}, H, W)")
+        images, n_layers = checked_inputs(images, self.cfg.num_channels, num_layers, self.cfg.num_layers)
         grids = [self.token_grid(img.shape[1], img.shape[2]) for img in images]
         if len({tuple(img.shape) for img in images}) == 1:
             maps = [self.feature_map(torch.stack(list(images)), n_layers)]
