@@ -419,3 +419,10 @@ def _read_vqa_split(data_dir: Path, split: str, skips: SkipStats) -> list[VQAIte
     if not items:
         raise ValueError(f"{paths['vqa_questions']}: no usable VQA question")
     return items
+
+
+def check_finetune(finetune: Mapping[str, object]) -> None:
+    """A preset's fine-tuning overrides name only known downstream tasks."""
+    unknown = sorted(set(finetune) - set(DEFAULT_FINETUNE_STAGES))
+    if unknown:
+        raise ValueError(f"finetune names unknown tasks {unknown}; known: {sorted(DEFAULT_FINETUNE_STAGES)}")

@@ -23,7 +23,7 @@ from pydantic import model_validator
 from tessera.config import Config
 from tessera.data.datasets import ImageCache
 from tessera.data.records import SkipStats
-from tessera.eval.fusion_eval import DEFAULT_FINETUNE_STAGES, evaluate_fusion_model
+from tessera.eval.fusion_eval import DEFAULT_FINETUNE_STAGES, check_finetune, evaluate_fusion_model
 from tessera.models.albef import ALBEF, ALBEF_TEXT, ALBEF_VISION, OBJECTIVES, ALBEFConfig
 from tessera.text.bert import BertConfig
 from tessera.text.tokenizer import Tokenizer
@@ -33,7 +33,7 @@ from tessera.train.fusion_tasks import (
     shapes_transform,
     train_fusion_tokenizer,
 )
-from tessera.train.stage import StageConfig
+from tessera.train.stage import StageConfig, check_stages
 from tessera.train.trainer import Trainer, seed_everything
 from tessera.vision.vit import ViTConfig
 from tessera.zoo.core import ZooContext, ZooResult
@@ -52,16 +52,8 @@ class ALBEFPreset(Config):
     def _check(self) -> ALBEFPreset:
         if not self.stages:
             raise ValueError("an ALBEF preset needs at least one pretraining stage")
-        names = [s.name for s in self.stages]
-        if len(set(names)) != len(names):
-            raise ValueError(f"stage names repeat: {names}")
-        for stage in self.stages:
-            unknown = sorted(set(stage.objectives) - set(OBJECTIVES))
-            if unknown:
-                raise ValueError(f"stage {stage.name!r}: ALBEF has no objective {unknown}; allowed {list(OBJECTIVES)}")
-        unknown_tasks = sorted(set(self.finetune) - set(DEFAULT_FINETUNE_STAGES))
-        if unknown_tasks:
-            raise ValueError(f"finetune names unknown tasks {unknown_tasks}; known: {sorted(DEFAULT_FINETUNE_STAGES)}")
+        check_stages(self.stages, OBJECTIVES, "ALBEF")
+        check_finetune(self.finetune)
         if not 0 <= self.alpha_ramp_fraction <= 1:
             raise ValueError(f"alpha_ramp_fraction must be in [0, 1], got {self.alpha_ramp_fraction}")
         return self

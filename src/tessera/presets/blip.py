@@ -43,7 +43,7 @@ from tessera.models.blip import OBJECTIVES as BLIP_OBJECTIVES
 from tessera.text.bert import BertConfig
 from tessera.text.tokenizer import Tokenizer
 from tessera.train.fusion_tasks import ImageTextTask, shapes_transform, train_fusion_tokenizer
-from tessera.train.stage import StageConfig
+from tessera.train.stage import StageConfig, check_stages
 from tessera.train.trainer import StageResult, Trainer, seed_everything
 from tessera.vision.vit import ViTConfig
 from tessera.zoo.core import SPLITS, ZooContext, ZooResult
@@ -74,10 +74,7 @@ class BLIPPreset(Config):
 
     @model_validator(mode="after")
     def _check(self) -> BLIPPreset:
-        for stage in (self.pretrain_stage, self.bootstrap_stage):
-            unknown = sorted(set(stage.objectives) - set(BLIP_OBJECTIVES))
-            if unknown:
-                raise ValueError(f"stage {stage.name!r}: BLIP has no objective {unknown}; allowed {list(BLIP_OBJECTIVES)}")
+        check_stages([self.pretrain_stage, self.bootstrap_stage], BLIP_OBJECTIVES, "BLIP")
         longest = max(self.pretrain_stage.max_length, self.bootstrap_stage.max_length, self.eval_max_length,
                       self.caption_max_new_tokens + 1)
         if longest > self.text.max_position_embeddings:

@@ -29,7 +29,7 @@ from torch import nn
 from tessera.config import Config
 from tessera.data.datasets import ImageCache
 from tessera.data.records import SkipStats
-from tessera.eval.fusion_eval import DEFAULT_FINETUNE_STAGES, evaluate_fusion_model
+from tessera.eval.fusion_eval import DEFAULT_FINETUNE_STAGES, check_finetune, evaluate_fusion_model
 from tessera.models.vilt import ViLT, ViltConfig
 from tessera.pipeline import scaled
 from tessera.text.tokenizer import Tokenizer
@@ -40,7 +40,7 @@ from tessera.train.fusion_tasks import (
     shapes_transform,
     train_fusion_tokenizer,
 )
-from tessera.train.stage import StageConfig
+from tessera.train.stage import StageConfig, check_stages
 from tessera.train.trainer import Trainer, seed_everything
 from tessera.zoo.core import ZooContext, ZooResult
 
@@ -59,21 +59,9 @@ class ViLTPreset(Config):
     def _check(self) -> ViLTPreset:
         if not self.stages:
             raise ValueError("a ViLT preset needs at least one pretraining stage")
-        names = [s.name for s in self.stages]
-        if len(set(names)) != len(names):
-            raise ValueError(f"stage names repeat: {names}")
-        for stage in self.stages:
-            unknown = sorted(set(stage.objectives) - set(OBJECTIVES))
-            if unknown:
-                raise ValueError(f"stage {stage.name!r}: ViLT has no objective {unknown}; allowed {list(OBJECTIVES)}")
+        check_stages(self.stages, OBJECTIVES, "ViLT")
         check_finetune(self.finetune)
         return self
-
-
-def check_finetune(finetune: dict[str, StageConfig]) -> None:
-    unknown = sorted(set(finetune) - set(DEFAULT_FINETUNE_STAGES))
-    if unknown:
-        raise ValueError(f"finetune names unknown tasks {unknown}; known: {sorted(DEFAULT_FINETUNE_STAGES)}")
 
 
 def tiny_finetune(steps: int = 200) -> dict[str, StageConfig]:

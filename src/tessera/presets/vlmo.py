@@ -26,8 +26,9 @@ import math
 from pydantic import model_validator
 
 from tessera.config import Config
+from tessera.eval.fusion_eval import check_finetune
 from tessera.models.vlmo import VLMo, VLMoConfig, stage_trainable
-from tessera.presets.vilt import check_finetune, run_fusion_recipe, tiny_finetune, tokenizer_fields
+from tessera.presets.vilt import run_fusion_recipe, tiny_finetune, tokenizer_fields
 from tessera.text.tokenizer import Tokenizer
 from tessera.train.fusion_tasks import Modality
 from tessera.train.stage import StageConfig

@@ -3,6 +3,8 @@ objectives, the data, and how long. A recipe is a list of stages run in order.""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from pydantic import field_validator, model_validator
 
 from tessera.config import Config
@@ -60,3 +62,15 @@ class StageConfig(Config):
         if not self.objectives or any(w <= 0 for w in self.objectives.values()):
             raise ValueError("objectives need at least one entry, each with a positive weight")
         return self
+
+
+def check_stages(stages: Sequence[StageConfig], objectives: Sequence[str], system: str) -> None:
+    """A recipe's stages: unique names, and only objectives that `system` (a model's name, for
+    the message) trains."""
+    names = [s.name for s in stages]
+    if len(set(names)) != len(names):
+        raise ValueError(f"stage names repeat: {names}")
+    for stage in stages:
+        unknown = sorted(set(stage.objectives) - set(objectives))
+        if unknown:
+            raise ValueError(f"stage {stage.name!r}: {system} has no objective {unknown}; allowed {list(objectives)}")
