@@ -80,6 +80,24 @@ def test_group_by_image_keeps_every_question_answer_pair_exactly_once(
     assert max(grouped.values()) == 1
 
 
+def test_group_by_image_drops_single_questions_repeated_for_the_same_image() -> None:
+    """A repeated pair in one merged conversation could be answered by copying the first copy."""
+    image, other = Path("a.png"), Path("b.png")
+    chat = Conversation(id="chat", images=(image,), turns=(
+        Turn("user", "<image>\nhow many?"), Turn("assistant", "2"),
+        Turn("user", "what color is the circle?"), Turn("assistant", "red")))
+    convs = [single_turn("q0", image, "how many?", "2"), chat, single_turn("q1", image, "is it big?", "yes"),
+             single_turn("q2", image, "is it big?", "yes"), single_turn("q3", other, "how many?", "2")]
+    merged = group_by_image(convs, seed=1)
+    pairs = Counter(p for c in merged for p in qa_pairs(c))
+    assert pairs == Counter({("how many?", "2"): 2, ("what color is the circle?", "red"): 1, ("is it big?", "yes"): 1})
+    (for_image,) = [c for c in merged if c.images == (image,)]
+    # the chat stays whole and in order
+    texts = [t.text.removeprefix("<image>\n") for t in for_image.turns]
+    i = texts.index("how many?")
+    assert texts[i : i + 4] == ["how many?", "2", "what color is the circle?", "red"]
+
+
 def test_group_by_image_passes_multi_image_and_text_only_conversations_through(
     mixed_conversations: list[Conversation],
 ) -> None:

@@ -88,6 +88,11 @@ def group_by_image(conversations: Sequence[Conversation], max_turns: int = 16, s
     answers. The image placeholder stays in the first user turn only; turn order within an
     image is shuffled with `seed`. Conversations with several images or none pass through.
     A merged conversation holds at most `max_turns` turns, in whole question/answer pairs.
+
+    A single question/answer conversation that repeats a pair already present for the image
+    (ShapesWorld's chats reuse its VQA questions) is dropped: in one merged conversation the
+    second copy's answer could be read off the first, teaching copying instead of looking.
+    Multi-turn conversations are kept whole, since their later turns may refer to earlier ones.
     """
     import random
 
@@ -104,6 +109,7 @@ def group_by_image(conversations: Sequence[Conversation], max_turns: int = 16, s
             passthrough.append(conv)
     merged: list[Conversation] = []
     for image, convs in by_image.items():
+        convs = _without_repeated_pairs(convs)
         rng.shuffle(convs)
         turns: list[Turn] = []
         for conv in convs:
@@ -117,6 +123,25 @@ def group_by_image(conversations: Sequence[Conversation], max_turns: int = 16, s
             chunk[0] = Turn("user", "<image>\n" + chunk[0].text)
             merged.append(Conversation(id=f"{convs[0].id}+{start}", images=(image,), turns=tuple(chunk)))
     return merged + passthrough
+
+
+def _qa_pairs(conv: Conversation) -> list[tuple[str, str]]:
+    texts = [t.text.replace("<image>", "").strip() for t in conv.turns if t.role != "system"]
+    return list(zip(texts[::2], texts[1::2], strict=False))
+
+
+def _without_repeated_pairs(convs: list[Conversation]) -> list[Conversation]:
+    """`convs` (one image's) less the single-pair conversations whose pair occurs in another one."""
+    seen = {pair for conv in convs if len(_qa_pairs(conv)) > 1 for pair in _qa_pairs(conv)}
+    kept: list[Conversation] = []
+    for conv in convs:
+        pairs = _qa_pairs(conv)
+        if len(pairs) == 1:
+            if pairs[0] in seen:
+                continue
+            seen.add(pairs[0])
+        kept.append(conv)
+    return kept
 
 
 @dataclass(frozen=True)
