@@ -23,7 +23,7 @@ from tessera.objectives.contrastive import clip_loss, region_phrase_loss
 from tessera.text.clip_text import CLIPTextConfig
 from tessera.text.tokenizer import train_bpe
 from tessera.train.tasks import ContrastiveTask
-from tessera.vision.vit import ViTConfig, box_pool
+from tessera.vision.vit import ViTConfig, box_pool, patches_in_boxes
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +80,18 @@ def test_box_pool_averages_the_patches_a_box_touches() -> None:
         box_pool(grid, torch.tensor([0]), torch.tensor([[40.0, 40.0, 2.0, 2.0]]), patch_size=8)
 
 
+def test_patches_in_boxes_keeps_patches_whose_centre_only_one_box_holds() -> None:
+    # 4 × 4 grid of 8-pixel patches (centres at 4, 12, 20, 28); image 0 has two overlapping boxes.
+    boxes = torch.tensor([[0.0, 0.0, 16.0, 9.0],  # centres x 4, 12; y 4 → patches (0,0), (0,1)
+                          [10.0, 0.0, 12.0, 16.0],  # x 12, 20; y 4, 12 → (0,1) shared, (0,2), (1,1), (1,2)
+                          [27.0, 27.0, 5.0, 5.0],  # image 1: centre (28, 28) → patch (3,3)
+                          [1.0, 1.0, 2.0, 2.0]])  # holds no centre
+    owners = torch.tensor([0, 0, 1, 1])
+    box, patch = patches_in_boxes(owners, boxes, (4, 4), 2, patch_size=8)
+    assert sorted(zip(box.tolist(), patch.tolist(), strict=True)) == [
+        (0, 0), (1, 2), (1, 5), (1, 6), (2, 16 + 15)]
+
+
 def test_contrastive_task_adds_the_region_loss(shapes: Path) -> None:
     paths = shapes_split_paths(shapes, "train")
     captions, _ = read_coco_captions(paths["captions"], shapes)
@@ -98,12 +110,27 @@ def test_contrastive_task_adds_the_region_loss(shapes: Path) -> None:
                             max_position_embeddings=48, eos_token_id=tok.eos_id),
         projection_dim=16))
     loss, logs = task.loss(model, batch)
-    image_emb, region_emb = model.encode_image_and_regions(batch.pixels, batch.region_image_index, batch.region_boxes)
-    torch.testing.assert_close(image_emb, model.encode_image(batch.pixels))
-    expected = clip_loss(image_emb, model.encode_text(batch.ids, batch.mask), model.logit_scale) + 0.5 * region_phrase_loss(
-        region_emb, model.encode_text(batch.phrase_ids, batch.phrase_mask), batch.region_targets, model.logit_scale)
+    enc = model.encode_image_and_regions(batch.pixels, batch.region_image_index, batch.region_boxes)
+    torch.testing.assert_close(enc.images, model.encode_image(batch.pixels))
+    phrase_emb = model.encode_text(batch.phrase_ids, batch.phrase_mask)
+    expected = clip_loss(enc.images, model.encode_text(batch.ids, batch.mask), model.logit_scale) + 0.5 * region_phrase_loss(
+        enc.boxes, phrase_emb, batch.region_targets, model.logit_scale)
     torch.testing.assert_close(loss, expected)
-    assert {"itc", "region"} <= set(logs)
+    assert {"itc", "region"} <= set(logs) and "region_patches" not in logs
+    # Per patch: every patch a box owns is scored against the phrases with its box's target.
+    task.objectives = {"itc": 1.0, "region_patches": 2.0}
+    loss, logs = task.loss(model, batch)
+    enc = model.encode_image_and_regions(batch.pixels, batch.region_image_index, batch.region_boxes, per_patch=True)
+    assert enc.patches is not None and enc.patch_box is not None and len(enc.patch_box) >= len(owners) // 2
+    grid = batch.pixels.shape[-1] // 8
+    patch_rows = model.vision_model(batch.pixels).patch_tokens()
+    _, patch = patches_in_boxes(batch.region_image_index, batch.region_boxes, (grid, grid), 4, 8)
+    torch.testing.assert_close(enc.patches, torch.nn.functional.normalize(
+        model.visual_projection(model.vision_model.post_layernorm(patch_rows[patch])), dim=-1))
+    expected = clip_loss(enc.images, model.encode_text(batch.ids, batch.mask), model.logit_scale) + 2.0 * region_phrase_loss(
+        enc.patches, phrase_emb, batch.region_targets[enc.patch_box], model.logit_scale)
+    torch.testing.assert_close(loss, expected)
+    assert {"itc", "region_patches"} <= set(logs) and "region" not in logs
     # Each region's own phrase is its target.
     phrases = [tok.decode(row[m].tolist()) for row, m in zip(batch.phrase_ids, batch.phrase_mask, strict=True)]
     flat = [r.phrase for i in range(4) for r in regions[task.pairs[i].image]]
@@ -116,9 +143,11 @@ def test_region_objective_is_checked(shapes: Path) -> None:
     tok = train_bpe([c.caption for c in captions], vocab_size=300)
     images = ImageCache(ImageTransform(size=(32, 32)), SkipStats())
     pairs = group_captions(captions)
-    with pytest.raises(ValueError, match="needs `regions`"):
+    with pytest.raises(ValueError, match="need `regions`"):
         ContrastiveTask(pairs, tok, images, 48, {"itc": 1.0, "region": 1.0})
-    with pytest.raises(ValueError, match="goes with itc"):
+    with pytest.raises(ValueError, match="need `regions`"):
+        ContrastiveTask(pairs, tok, images, 48, {"itc": 1.0, "region_patches": 1.0})
+    with pytest.raises(ValueError, match="go with itc"):
         ContrastiveTask(pairs, tok, images, 48, {"sigmoid": 1.0, "region": 1.0}, regions={})
     with pytest.raises(ValueError, match="one loss"):
         ContrastiveTask(pairs, tok, images, 48, {"region": 1.0}, regions={})

@@ -40,7 +40,7 @@ from tessera.text.tokenizer import Tokenizer, train_bpe
 from tessera.text.word_swaps import WordSwapper
 from tessera.train.checkpoint import load_checkpoint
 from tessera.train.stage import StageConfig
-from tessera.train.tasks import ContrastiveTask, ConversationTask, LanguageModelTask
+from tessera.train.tasks import REGION_OBJECTIVES, ContrastiveTask, ConversationTask, LanguageModelTask
 from tessera.train.trainer import StageResult, Trainer, seed_everything
 
 STAGES = ("clip", "lm", "align", "instruct")
@@ -172,7 +172,7 @@ def train_lvlm(
         # NegCLIP's hard negatives: each caption with one colour / shape / size word swapped.
         swapper = WordSwapper.for_shapesworld(load_meta(data_dir)) if preset.clip_hard_negatives else None
         regions = None
-        if "region" in preset.clip_stage.objectives:
+        if set(preset.clip_stage.objectives) & set(REGION_OBJECTIVES):
             regions, region_skips = read_coco_regions(train_paths["objects"], data_dir)
             skips.merge(region_skips)
         task = ContrastiveTask(group_captions(captions), tokenizer, clip_images, preset.text_tower.max_position_embeddings,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,17 @@ from torch import Tensor, nn
 
 from tessera.config import Config
 from tessera.text.clip_text import CLIPTextConfig, CLIPTextTransformer
-from tessera.vision.vit import VisionTransformer, ViTConfig, box_pool
+from tessera.vision.vit import VisionTransformer, ViTConfig, box_pool, patches_in_boxes
+
+
+@dataclass
+class RegionEmbeddings:
+    """What `DualEncoder.encode_image_and_regions` returns (unit-norm rows)."""
+
+    images: Tensor  # (N, P)
+    boxes: Tensor  # (M, P) each box's pooled patch tokens
+    patches: Tensor | None = None  # (K, P) every patch a box owns, with per_patch
+    patch_box: Tensor | None = None  # (K,) the box of each patch row
 
 
 class DualEncoderConfig(Config):
@@ -56,18 +67,28 @@ class DualEncoder(nn.Module):
         _, pooled = self.text_model(input_ids, attention_mask)
         return F.normalize(self.text_projection(pooled), dim=-1)
 
-    def encode_image_and_regions(self, images: Tensor, image_index: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
-        """One ViT pass over images (N, 3, H, W) → (N, P) image embeddings and (M, P) region
-        embeddings: the last layer's patch tokens averaged under each box (`box_pool`; boxes
-        (M, 4) in pixels, image_index (M,)), then post_layernorm and the projection, the path
-        the class token takes."""
+    def encode_image_and_regions(self, images: Tensor, image_index: Tensor, boxes: Tensor, *,
+                                 per_patch: bool = False) -> RegionEmbeddings:
+        """One ViT pass over images (N, 3, H, W) → their (N, P) embeddings and, for the boxes
+        (M, 4) in pixels of images image_index (M,): each box's last-layer patch tokens averaged
+        (`box_pool`) → (M, P), and with `per_patch` every patch a box owns (`patches_in_boxes`)
+        → (K, P) with its box (K,). Region rows take the class token's path: post_layernorm,
+        then the projection."""
         vision = self.vision_model
         out = vision(images)
         image_emb = F.normalize(self.visual_projection(vision.pooled(out)), dim=-1)
-        (rows, cols), = set(out.grids)
-        patches = out.patch_tokens().view(len(out.grids), rows, cols, -1)
-        regions = box_pool(patches, image_index, boxes, vision.cfg.patch_size)
-        return image_emb, F.normalize(self.visual_projection(vision.post_layernorm(regions)), dim=-1)
+        (grid,) = set(out.grids)  # one batch tensor: every image has the same grid
+        tokens = out.patch_tokens()
+
+        def embed(x: Tensor) -> Tensor:
+            return F.normalize(self.visual_projection(vision.post_layernorm(x)), dim=-1)
+
+        regions = box_pool(tokens.view(len(out.grids), *grid, -1), image_index, boxes, vision.cfg.patch_size)
+        result = RegionEmbeddings(image_emb, embed(regions))
+        if per_patch:
+            result.patch_box, patch = patches_in_boxes(image_index, boxes, grid, len(out.grids), vision.cfg.patch_size)
+            result.patches = embed(tokens[patch])
+        return result
 
     @torch.no_grad()
     def clamp_logit_scale(self) -> None:

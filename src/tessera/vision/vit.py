@@ -150,6 +150,28 @@ def box_pool(patch_grid: Tensor, image_index: Tensor, boxes: Tensor, patch_size:
     return pooled / counts[:, None]
 
 
+def patches_in_boxes(image_index: Tensor, boxes: Tensor, grid: tuple[int, int], num_images: int,
+                     patch_size: int) -> tuple[Tensor, Tensor]:
+    """The patches each box owns: those whose centre lies inside the box and inside no other box
+    of the same image (a patch two objects share would get two targets). image_index (M,),
+    boxes (M, 4) as (x, y, width, height) in pixels, grid (R, C) → (box (K,), patch (K,)) where
+    patch indexes the flat (N · R · C) patch tokens of `patch_tokens()`."""
+    if boxes.ndim != 2 or boxes.shape[1] != 4 or image_index.shape != boxes.shape[:1]:
+        raise ValueError(f"expected boxes (M, 4) and image_index (M,), got {tuple(boxes.shape)} and "
+                         f"{tuple(image_index.shape)}")
+    rows, cols = grid
+    centres_r = torch.arange(rows, device=boxes.device) * patch_size + patch_size / 2
+    centres_c = torch.arange(cols, device=boxes.device) * patch_size + patch_size / 2
+    x, y, w, h = boxes.unbind(1)
+    in_rows = (centres_r[None] >= y[:, None]) & (centres_r[None] < (y + h)[:, None])  # (M, R)
+    in_cols = (centres_c[None] >= x[:, None]) & (centres_c[None] < (x + w)[:, None])  # (M, C)
+    cells = in_rows[:, :, None] & in_cols[:, None, :]  # (M, R, C)
+    cover = torch.zeros(num_images, rows, cols, device=boxes.device).index_add_(0, image_index, cells.float())
+    owned = cells & (cover[image_index] == 1)
+    box, r, c = owned.nonzero(as_tuple=True)
+    return box, (image_index[box] * rows + r) * cols + c
+
+
 class VisionEmbeddings(nn.Module):
     def __init__(self, cfg: ViTConfig) -> None:
         super().__init__()
