@@ -40,7 +40,12 @@ from tessera.text.tokenizer import Tokenizer, train_bpe
 from tessera.text.word_swaps import WordSwapper
 from tessera.train.checkpoint import load_checkpoint
 from tessera.train.stage import StageConfig
-from tessera.train.tasks import REGION_OBJECTIVES, ContrastiveTask, ConversationTask, LanguageModelTask
+from tessera.train.tasks import (
+    REGION_OBJECTIVES,
+    ContrastiveTask,
+    ConversationTask,
+    LanguageModelTask,
+)
 from tessera.train.trainer import StageResult, Trainer, seed_everything
 
 STAGES = ("clip", "lm", "align", "instruct")
