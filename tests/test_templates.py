@@ -68,23 +68,28 @@ GOLDEN_WITH_SYSTEM = {
     "blip2": "<s>Be brief. <image>\nWhat is shown? Answer: answer one</s> And then? ",
     "minigpt4": "<s>Be brief. ###Human: <Img><image></Img>\nWhat is shown? ###Assistant: answer one</s>###Human: ",
 }
+# Each answer with the separator the model writes before it and the stop string after it.
 LABELLED_RUNS = {
-    "vicuna": ["answer one</s>", "answer two</s>"],
-    "llama2": ["answer one </s>", "answer two </s>"],
+    "vicuna": [" answer one</s>", " answer two</s>"],
+    "llama2": [" answer one </s>", " answer two </s>"],
     "chatml": ["answer one<|im_end|>", "answer two<|im_end|>"],
-    "minigpt_v2": ["answer one </s>", "answer two </s>"],
+    "minigpt_v2": [" answer one </s>", " answer two </s>"],
     "qwen_vl": ["answer one<|im_end|>", "answer two<|im_end|>"],
-    "blip2": ["answer one</s>", "answer two</s>"],
-    "minigpt4": ["answer one</s>", "answer two</s>"],
+    "blip2": [" answer one</s>", " answer two</s>"],
+    "minigpt4": [" answer one</s>", " answer two</s>"],
 }
-PROMPT_ENDS = {"vicuna": " ASSISTANT: ", "llama2": " [/INST] ", "chatml": "<|im_start|>assistant\n",
-               "minigpt_v2": " [/INST] ", "qwen_vl": "<|im_start|>assistant\n", "blip2": " Answer: ",
-               "minigpt4": " ###Assistant: "}
+# A generation prompt ends where the pre-tokenizer splits: no trailing space.
+PROMPT_ENDS = {"vicuna": "? ASSISTANT:", "llama2": "? [/INST]", "chatml": "<|im_start|>assistant\n",
+               "minigpt_v2": "? [/INST]", "qwen_vl": "<|im_start|>assistant\n", "blip2": "? Answer:",
+               "minigpt4": "? ###Assistant:"}
 
 
 @pytest.fixture(scope="module")
 def tokenizer() -> Tokenizer:
-    sentences = ["what is shown in the image?", "answer one", "answer two", "and then? be brief."]
+    # Whole conversations too, so that BPE learns merges across template text and answers
+    # (" ASSISTANT", " answer").
+    sentences = ["what is shown in the image?", "answer one", "answer two", "and then? be brief.",
+                 "USER: what is shown? ASSISTANT: answer one", "[/INST] answer two Answer: answer"]
     return train_bpe(sentences * 10, vocab_size=320)
 
 
@@ -119,18 +124,49 @@ def test_golden_rendering_and_labels(tokenizer: Tokenizer, name: str) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
-def test_answer_tokens_are_the_answer_encoded_alone(tokenizer: Tokenizer, name: str) -> None:
-    template = get_template(name)
-    encoded = encode_conversation(tokenizer, template, TURNS, image_token_counts=[3])
-    labelled = [label for label in encoded.labels if label != IGNORE_INDEX]
-    stop_part = tokenizer.encode(template.labelled_suffix)
-    expected = [
-        *tokenizer.encode("answer one"),
-        *stop_part,
-        *tokenizer.encode("answer two"),
-        *stop_part,
-    ]
-    assert labelled == expected
+@pytest.mark.parametrize("with_system_turn", [False, True])
+def test_ids_are_the_whole_string_encoded(tokenizer: Tokenizer, name: str, with_system_turn: bool) -> None:
+    """Like transformers' apply_chat_template: the rendered string, each image expanded into its
+    run, tokenized at once; the prompt likewise."""
+    turns = (SYSTEM, *TURNS) if with_system_turn else TURNS
+    encoded = encode_conversation(tokenizer, name, turns, image_token_counts=[3])
+    assert encoded.input_ids == tokenizer.encode(render_text(name, turns).replace("<image>", "<image>" * 3))
+    prompt = encode_prompt(tokenizer, name, turns[:-1], image_token_counts=[3])
+    rendered_prompt = render_text(name, turns[:-1]) + get_template(name).assistant_prefix
+    assert prompt == tokenizer.encode(rendered_prompt.replace("<image>", "<image>" * 3))
+
+
+def test_token_straddling_template_text_and_answer_is_labelled(tokenizer: Tokenizer) -> None:
+    """vicuna writes the space before an answer; whole-string BPE makes it one token with the
+    answer's first word, and that token is labelled."""
+    encoded = encode_conversation(tokenizer, "vicuna", TURNS, image_token_counts=[3])
+    straddling = tokenizer.token_id("Ġanswer")  # byte-level BPE writes the space as "Ġ"
+    assert encoded.input_ids.count(straddling) == 2
+    for position, token in enumerate(encoded.input_ids):
+        if token == straddling:
+            assert encoded.labels[position] == straddling
+            assert tokenizer.decode([encoded.input_ids[position - 1]], skip_special=False) == ":"
+    # Only answers, their separator and the stop string are labelled: the template's
+    # " ASSISTANT" and ":" are not, though " ASSISTANT" also starts with a space.
+    labelled = "".join(tokenizer.decode([label], skip_special=False) for label in encoded.labels
+                       if label != IGNORE_INDEX)
+    assert labelled == " answer one</s> answer two</s>"
+
+
+def test_token_straddling_the_prefix_and_the_answer_is_labelled() -> None:
+    """Without a separator, a merge can join template text (the user suffix " " and the
+    assistant prefix "A") and the start of the answer into one token, " Aanswer", that no
+    fragment-wise encoding produces; it overlaps the answer, so it is labelled."""
+    tokenizer = train_bpe(["Q hi Aanswer one"] * 20, vocab_size=320)
+    merged = tokenizer.token_id("ĠAanswer")  # byte-level BPE writes the space as "Ġ"
+    template = ChatTemplate(name="tight", user_prefix="Q ", user_suffix=" ", assistant_prefix="A",
+                            assistant_suffix="</s>", stop="</s>")
+    encoded = encode_conversation(tokenizer, template, (Turn("user", "hi"), Turn("assistant", "answer one")),
+                                  image_token_counts=[])
+    assert encoded.input_ids == tokenizer.encode("Q hi Aanswer one</s>")
+    position = encoded.input_ids.index(merged)
+    assert encoded.labels[position] == merged and encoded.labels[position - 1] == IGNORE_INDEX
+    assert labelled_runs(tokenizer, encoded) == [" Aanswer one</s>"]
 
 
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
@@ -165,7 +201,8 @@ def test_stop_token_ids(tokenizer: Tokenizer) -> None:
         name="multi",
         user_prefix="Q: ",
         user_suffix="\n",
-        assistant_prefix="A: ",
+        assistant_prefix="A:",
+        answer_separator=" ",
         assistant_suffix="###",
         stop="###",
     )
@@ -190,6 +227,15 @@ def test_template_validation() -> None:
         )
 
 
+@pytest.mark.parametrize("prefix", ["A: ", "A:\t", "A:\n\n", "A: \n"])
+def test_assistant_prefix_must_end_at_a_split(prefix: str) -> None:
+    with pytest.raises(ValueError, match="answer_separator"):
+        ChatTemplate(name="bad", user_prefix="Q: ", user_suffix="\n", assistant_prefix=prefix,
+                     assistant_suffix="</s>", stop="</s>")
+    ChatTemplate(name="good", user_prefix="Q: ", user_suffix="\n", assistant_prefix="A:\n",
+                 assistant_suffix="</s>", stop="</s>")
+
+
 def test_several_images_get_their_own_counts(tokenizer: Tokenizer) -> None:
     turns = (Turn("user", "<image> and <image>?"), Turn("assistant", "answer one"))
     encoded = encode_conversation(tokenizer, "vicuna", turns, image_token_counts=[2, 5])
@@ -203,6 +249,19 @@ def test_several_images_get_their_own_counts(tokenizer: Tokenizer) -> None:
         ids[second : second + 5] == [tokenizer.image_id] * 5
         and ids[second + 5] != tokenizer.image_id
     )
+
+
+def test_placeholder_becomes_the_tokenizers_own_image_token() -> None:
+    """A tokenizer whose image token is not "<image>" (an imported one): each placeholder is
+    written as its token, and text that spells that token is refused, not taken for an image."""
+    base = train_bpe(["what is shown? answer one"] * 10, vocab_size=300, extra_special_tokens=["<im_patch>"])
+    tokenizer = Tokenizer(base.backend, {"image": "<im_patch>"})
+    encoded = encode_conversation(tokenizer, "vicuna", TURNS, image_token_counts=[3])
+    assert encoded.input_ids == tokenizer.encode(render_text("vicuna", TURNS).replace("<image>", "<im_patch>" * 3))
+    assert encoded.input_ids.count(tokenizer.image_id) == 3
+    spelled = (Turn("user", "<image>\nwhat is <im_patch>?"), Turn("assistant", "answer one"))
+    with pytest.raises(TemplateError, match="occurs 2 time"):
+        encode_conversation(tokenizer, "vicuna", spelled, image_token_counts=[3])
 
 
 def test_count_mismatch(tokenizer: Tokenizer) -> None:
@@ -233,7 +292,7 @@ def test_truncation(tokenizer: Tokenizer) -> None:
     cut = encode_conversation(tokenizer, "vicuna", TURNS, [3], max_length=first_answer_end)
     assert cut.input_ids == full.input_ids[:first_answer_end]
     assert cut.labels == full.labels[:first_answer_end]
-    assert labelled_runs(tokenizer, cut) == ["answer one</s>"]
+    assert labelled_runs(tokenizer, cut) == [" answer one</s>"]
     # Not longer than max_length: unchanged.
     same = encode_conversation(tokenizer, "vicuna", TURNS, [3], max_length=len(full.input_ids))
     assert same == full

@@ -7,6 +7,8 @@ import random
 import time
 
 import pytest
+import tokenizers
+from tokenizers import processors
 
 from tessera.text.tokenizer import (
     IMAGE_TOKEN,
@@ -79,10 +81,38 @@ def test_decode_skip_special(tokenizer: Tokenizer) -> None:
 
 
 def test_encoding_is_context_free(tokenizer: Tokenizer) -> None:
-    # Templates encode fragments separately; concatenated pieces must decode to the joined text.
+    # No space is invented in front of a piece: concatenated pieces decode to the joined text.
     pieces = ["USER: ", "what color?", " ", "ASSISTANT: ", "blue", "</s>"]
     ids = [i for piece in pieces for i in tokenizer.encode(piece)]
     assert tokenizer.decode(ids, skip_special=False) == "".join(pieces)
+
+
+def test_encode_with_offsets_gives_character_spans(tokenizer: Tokenizer) -> None:
+    text = "USER: <image>\ncafé à côté? ASSISTANT: blue</s>"
+    ids, offsets = tokenizer.encode_with_offsets(text)
+    assert ids == tokenizer.encode(text) and len(offsets) == len(ids)
+    # Spans index characters (not bytes) of `text`; a character split over several byte-level
+    # tokens gives each of them its span.
+    pieces = [text[start:end] for start, end in offsets]
+    assert pieces[ids.index(tokenizer.image_id)] == IMAGE_TOKEN
+    assert pieces[-1] == "</s>" and offsets[-1][1] == len(text)
+    assert " blue" in pieces  # the space belongs to the word after it
+    assert any(a == b for a, b in zip(offsets, offsets[1:], strict=False))  # "é" is two byte-level tokens
+    distinct = [span for k, span in enumerate(offsets) if k == 0 or span != offsets[k - 1]]
+    assert all(a[1] == b[0] for a, b in zip(distinct, distinct[1:], strict=False))
+    assert "".join(text[start:end] for start, end in distinct) == text
+
+
+def test_encode_with_offsets_adds_no_special_tokens(tokenizer: Tokenizer) -> None:
+    """Like `encode`: a post-processor that would add BOS/EOS (as many HF tokenizers have) is
+    not applied."""
+    backend = tokenizers.Tokenizer.from_str(tokenizer.backend.to_str())
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", tokenizer.bos_id), ("</s>", tokenizer.eos_id)]
+    )
+    wrapped = Tokenizer(backend)
+    assert wrapped.encode_with_offsets("a red square")[0] == tokenizer.encode("a red square")
+    assert wrapped.encode("a red square") == tokenizer.encode("a red square")
 
 
 def test_unknown_token_error_names_it(tokenizer: Tokenizer) -> None:

@@ -1,22 +1,36 @@
 """Conversation templates: turns → token ids with a label mask and expanded image placeholders.
 
 One engine renders every template. A `ChatTemplate` only lists the strings around each
-message; `encode_conversation` encodes each fragment and each message separately and
-concatenates the ids, so the boundary between "prompt" and "answer" is exact and an answer is
-always tokenized as `tokenizer.encode(answer)` (see the whitespace note in
-`tessera.text.tokenizer`). Labels are NOT shifted: `labels[i]` is `input_ids[i]` for the
-tokens of an assistant answer and of the template's stop string (everything the model must
-produce to finish its answer), and IGNORE_INDEX elsewhere. The collator does the shift.
+message; `encode_conversation` renders the whole conversation to one string and tokenizes it
+once, the way transformers' `apply_chat_template` and every inference server do, so a model
+trained here sees the ids it will be served with (and an imported model is fine-tuned on the
+ids it was trained on). With byte-level BPE this matters: "? ASSISTANT: blue</s>" is
+"?", " ASSISTANT", ":", " blue", "</s>" as a whole, not "?", " ", "ASSISTANT", ":", " ", "blue".
 
-Each "<image>" in a user message becomes a run of `image_token_counts[k]` image tokens, the
-count the model reports for the k-th image, so features can later be scattered in 1:1.
-A template may wrap every run in marker strings (`image_prefix` / `image_suffix`: Qwen-VL's
-"<img>…</img>", MiniGPT-v2's "<Img>…</Img>") and may carry a task identifier (MiniGPT-v2's
+Labels come from character spans: while rendering, the span of every labelled region (an
+answer's `answer_separator`, the answer, and the template's stop string: everything the model
+must produce to finish its answer) is recorded, and a token is labelled iff its character span
+overlaps one, so " blue" is labelled although its space is written by the template. Labels are
+NOT shifted: `labels[i]` is `input_ids[i]` for labelled tokens and IGNORE_INDEX elsewhere. The
+collator does the shift.
+
+A generation prompt ends with `assistant_prefix` and must be an exact token prefix of the
+training sequence, so the prompt has to end where the pre-tokenizer splits anyway: never with a
+space, which would merge with the answer's first word. Templates whose answers follow a space
+("ASSISTANT: blue") therefore write that space as `answer_separator`, which the model generates
+as part of its answer (decoded answers are stripped).
+
+Each "<image>" in a user message is rendered as the tokenizer's image token (inside the
+template's marker strings `image_prefix` / `image_suffix`: Qwen-VL's "<img>…</img>",
+MiniGPT-v2's "<Img>…</Img>"), and after tokenizing, the k-th image token becomes a run of
+`image_token_counts[k]` image tokens, the count the model reports for the k-th image, so
+features can later be scattered in 1:1. A template may carry a task identifier (MiniGPT-v2's
 "[vqa]", "[caption]", ...: `with_task`) that opens the first user message after its images.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import re
 from collections.abc import Sequence
@@ -26,6 +40,15 @@ from tessera.data.records import Turn
 from tessera.text.tokenizer import BOS_TOKEN, IMAGE_TOKEN, Tokenizer
 
 IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
+
+
+def _ends_at_a_boundary(prefix: str) -> bool:
+    """Whether a prompt ending with `prefix` ends where byte-level pre-tokenizers split anyway:
+    not on whitespace, except one newline after a non-space ("assistant\n"); a trailing space
+    merges with the next word, and runs of whitespace split differently once text follows."""
+    if not prefix or not prefix[-1].isspace():
+        return True
+    return prefix[-1] == "\n" and (len(prefix) == 1 or not prefix[-2].isspace())
 
 
 class TemplateError(ValueError):
@@ -38,11 +61,16 @@ class ChatTemplate:
 
     [BOS] [system block]  then per exchange:
     user_prefix [system block if system_inside_first_user and first turn] user user_suffix
-    assistant_prefix assistant assistant_suffix  turn_separator (only before the next user turn)
+    assistant_prefix answer_separator assistant assistant_suffix
+    turn_separator (only before the next user turn)
 
     The system block is `system_prefix + system + system_suffix`, present only when the system
     prompt (a leading system turn, else `default_system`) is not empty. `assistant_suffix`
     must contain `stop`; the suffix up to and including `stop` is labelled, the rest is not.
+    `answer_separator` is labelled too: it is text the model generates before its answer, kept
+    out of `assistant_prefix` so that a generation prompt ends at a pre-tokenizer boundary
+    (see the module docstring); `assistant_prefix` may therefore end with no whitespace but a
+    single newline.
 
     Every image's run of image tokens is wrapped as image_prefix run image_suffix. When `task`
     is set (one of `task_identifiers`), the first user message becomes
@@ -65,6 +93,7 @@ class ChatTemplate:
     image_suffix: str = ""
     task_identifiers: tuple[str, ...] = ()
     task: str = ""
+    answer_separator: str = ""
 
     def __post_init__(self) -> None:
         if self.task and self.task not in self.task_identifiers:
@@ -77,10 +106,19 @@ class ChatTemplate:
                 f"template {self.name!r}: stop {self.stop!r} must occur in assistant_suffix "
                 f"{self.assistant_suffix!r}"
             )
+        if not _ends_at_a_boundary(self.assistant_prefix):
+            raise ValueError(
+                f"template {self.name!r}: assistant_prefix {self.assistant_prefix!r} ends with "
+                "whitespace other than one newline; a generation prompt ends there, and tokenizing "
+                "the whole conversation would merge that whitespace with the answer's first word, "
+                "so the prompt would not be a token prefix of the training sequence. Move it to "
+                "answer_separator (e.g. assistant_prefix='ASSISTANT:', answer_separator=' ')"
+            )
         fragments = (
             self.user_prefix,
             self.user_suffix,
             self.assistant_prefix,
+            self.answer_separator,
             self.assistant_suffix,
             self.system_prefix,
             self.system_suffix,
@@ -113,7 +151,8 @@ TEMPLATES: dict[str, ChatTemplate] = {
         system_suffix=" ",
         user_prefix="USER: ",
         user_suffix=" ",
-        assistant_prefix="ASSISTANT: ",
+        assistant_prefix="ASSISTANT:",
+        answer_separator=" ",
         assistant_suffix="</s>",
         stop="</s>",
     ),
@@ -127,7 +166,8 @@ TEMPLATES: dict[str, ChatTemplate] = {
         system_inside_first_user=True,
         user_prefix="[INST] ",
         user_suffix=" ",
-        assistant_prefix="[/INST] ",
+        assistant_prefix="[/INST]",
+        answer_separator=" ",
         assistant_suffix=" </s>",
         stop="</s>",
         turn_separator=BOS_TOKEN,
@@ -152,7 +192,8 @@ TEMPLATES: dict[str, ChatTemplate] = {
         system_inside_first_user=True,
         user_prefix="[INST] ",
         user_suffix=" ",
-        assistant_prefix="[/INST] ",
+        assistant_prefix="[/INST]",
+        answer_separator=" ",
         assistant_suffix=" </s>",
         stop="</s>",
         turn_separator=BOS_TOKEN,
@@ -182,7 +223,8 @@ TEMPLATES: dict[str, ChatTemplate] = {
         system_suffix=" ",
         user_prefix="",
         user_suffix=" ",
-        assistant_prefix="Answer: ",
+        assistant_prefix="Answer:",
+        answer_separator=" ",
         assistant_suffix="</s>",
         stop="</s>",
         turn_separator=" ",
@@ -195,7 +237,8 @@ TEMPLATES: dict[str, ChatTemplate] = {
         system_suffix=" ",
         user_prefix="###Human: ",
         user_suffix=" ",
-        assistant_prefix="###Assistant: ",
+        assistant_prefix="###Assistant:",
+        answer_separator=" ",
         assistant_suffix="</s>",
         stop="</s>",
         image_prefix="<Img>",
@@ -291,6 +334,7 @@ def _fragments(
             fragments.append(_Fragment(template.user_suffix, "template"))
         else:
             fragments.append(_Fragment(template.assistant_prefix, "template"))
+            fragments.append(_Fragment(template.answer_separator, "template", labelled=True))
             fragments.append(_Fragment(turn.text, "assistant", labelled=True))
             fragments.append(_Fragment(template.labelled_suffix, "template", labelled=True))
             fragments.append(_Fragment(template.unlabelled_suffix, "template"))
@@ -299,22 +343,47 @@ def _fragments(
     return [f for f in fragments if f.text]
 
 
+def _render(
+    fragments: Sequence[_Fragment], image: str
+) -> tuple[str, list[tuple[int, int]]]:
+    """The fragments as one string, each "<image>" of a user message written as `image`, and the
+    [start, end) character spans of the labelled regions (adjacent ones merged)."""
+    pieces: list[str] = []
+    spans: list[tuple[int, int]] = []
+    position = 0
+    for fragment in fragments:
+        piece = fragment.text.replace(IMAGE_TOKEN, image) if fragment.role == "user" else fragment.text
+        if fragment.labelled:
+            if spans and spans[-1][1] == position:
+                spans[-1] = (spans[-1][0], position + len(piece))
+            else:
+                spans.append((position, position + len(piece)))
+        pieces.append(piece)
+        position += len(piece)
+    return "".join(pieces), spans
+
+
 def render_text(template: ChatTemplate | str, turns: Sequence[Turn]) -> str:
     """The conversation as plain text, image placeholders left as "<image>" (inside the
     template's image markers, if it has any)."""
     template = _resolve(template)
-    wrapped = template.image_prefix + IMAGE_TOKEN + template.image_suffix
-    return "".join(
-        f.text.replace(IMAGE_TOKEN, wrapped) if f.role == "user" else f.text
-        for f in _fragments(template, turns, add_generation_prompt=False)
-    )
+    fragments = _fragments(template, turns, add_generation_prompt=False)
+    text, _ = _render(fragments, template.image_prefix + IMAGE_TOKEN + template.image_suffix)
+    return text
 
 
-def _encode_fragments(
-    tokenizer: Tokenizer, fragments: Sequence[_Fragment], image_token_counts: Sequence[int],
-    image_wrap: tuple[str, str] = ("", ""),
+def _overlaps(spans: Sequence[tuple[int, int]], ends: Sequence[int], start: int, end: int) -> bool:
+    """Whether [start, end) overlaps one of the sorted, disjoint `spans` (`ends` their ends)."""
+    k = bisect.bisect_right(ends, start)  # the first span ending after `start`
+    return k < len(spans) and spans[k][0] < end
+
+
+def _encode(
+    tokenizer: Tokenizer, template: ChatTemplate, fragments: Sequence[_Fragment],
+    image_token_counts: Sequence[int],
 ) -> tuple[list[int], list[int], list[tuple[int, int]]]:
-    """Ids, unshifted labels and the [start, end) span of every image run."""
+    """Ids, unshifted labels and the [start, end) span of every image run: the rendered string
+    is tokenized as a whole, then each image token is expanded into its run."""
     for fragment in fragments:
         if fragment.role != "user" and IMAGE_TOKEN in fragment.text:
             raise TemplateError(
@@ -329,32 +398,30 @@ def _encode_fragments(
     if any(count < 1 for count in image_token_counts):
         raise TemplateError(f"image token counts must be positive, got {list(image_token_counts)}")
 
+    image = tokenizer.special_tokens["image"]
+    text, labelled = _render(fragments, template.image_prefix + image + template.image_suffix)
+    ids, offsets = tokenizer.encode_with_offsets(text)
+    found = ids.count(tokenizer.image_id)
+    if found != placeholders:
+        raise TemplateError(
+            f"the image token {image!r} occurs {found} time(s) in the encoded conversation but it "
+            f"has {placeholders} {IMAGE_TOKEN} placeholder(s): the text spells the image token, "
+            "or the tokenizer does not encode it as one token"
+        )
+    ends = [end for _, end in labelled]
+    counts = iter(image_token_counts)
     input_ids: list[int] = []
     labels: list[int] = []
     image_spans: list[tuple[int, int]] = []
-    next_image = 0
-    wrap_before = tokenizer.encode(image_wrap[0]) if image_wrap[0] else []
-    wrap_after = tokenizer.encode(image_wrap[1]) if image_wrap[1] else []
-    for fragment in fragments:
-        if fragment.role != "user":
-            ids = tokenizer.encode(fragment.text)
-            input_ids += ids
-            labels += ids if fragment.labelled else [IGNORE_INDEX] * len(ids)
-            continue
-        # Split on the placeholder ourselves so each image becomes a run of the right length.
-        for piece_index, piece in enumerate(fragment.text.split(IMAGE_TOKEN)):
-            if piece_index > 0:
-                run = image_token_counts[next_image]
-                next_image += 1
-                input_ids += wrap_before
-                image_spans.append((len(input_ids), len(input_ids) + run))
-                input_ids += [tokenizer.image_id] * run
-                input_ids += wrap_after
-                labels += [IGNORE_INDEX] * (len(wrap_before) + run + len(wrap_after))
-            if piece:
-                ids = tokenizer.encode(piece)
-                input_ids += ids
-                labels += [IGNORE_INDEX] * len(ids)
+    for token, (start, end) in zip(ids, offsets, strict=True):
+        if token == tokenizer.image_id:
+            run = next(counts)
+            image_spans.append((len(input_ids), len(input_ids) + run))
+            input_ids += [token] * run
+            labels += [IGNORE_INDEX] * run
+        else:
+            input_ids.append(token)
+            labels.append(token if _overlaps(labelled, ends, start, end) else IGNORE_INDEX)
     return input_ids, labels, image_spans
 
 
@@ -372,8 +439,7 @@ def encode_conversation(
     """
     template = _resolve(template)
     fragments = _fragments(template, turns, add_generation_prompt=False)
-    input_ids, labels, image_spans = _encode_fragments(
-        tokenizer, fragments, image_token_counts, (template.image_prefix, template.image_suffix))
+    input_ids, labels, image_spans = _encode(tokenizer, template, fragments, image_token_counts)
     if max_length is not None and len(input_ids) > max_length:
         for image_index, (start, end) in enumerate(image_spans):
             if end > max_length:
@@ -399,13 +465,14 @@ def encode_prompt(
 ) -> list[int]:
     """Ids of `turns` (ending with a user turn) plus the assistant prefix, for generation.
 
-    The result is exactly a prefix of what `encode_conversation` produces once the answer is
-    appended, so the model continues the same token sequence it was trained on.
+    The prompt ends at `assistant_prefix` (LLaVA's "... ASSISTANT:"), where the pre-tokenizer
+    splits, so it is exactly a prefix of what `encode_conversation` produces once the answer is
+    appended, and the model continues the token sequence it was trained on (it generates the
+    `answer_separator` itself).
     """
     template = _resolve(template)
     fragments = _fragments(template, turns, add_generation_prompt=True)
-    input_ids, _, _ = _encode_fragments(
-        tokenizer, fragments, image_token_counts, (template.image_prefix, template.image_suffix))
+    input_ids, _, _ = _encode(tokenizer, template, fragments, image_token_counts)
     return input_ids
 
 

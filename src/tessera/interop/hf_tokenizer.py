@@ -17,7 +17,9 @@ code, and chat_template.jinja (where transformers >= 5 looks for the template).
 
 `chat_template_jinja` writes a Tessera `ChatTemplate` as a Jinja chat template that renders
 the same text as `tessera.data.templates.render_text`; `template_from_jinja` recognises such
-a template again on import. Messages take Hugging Face's shape: {"role", "content"} with
+a template again on import (a folder exported before `answer_separator` existed, whose
+assistant prefix still ended with the separator, is not recognised and gets the family's usual
+template, with a note). Messages take Hugging Face's shape: {"role", "content"} with
 content a string (images written as the image token) or a list of {"type": "text", "text"} /
 {"type": "image"} parts rendered in order.
 """
@@ -164,7 +166,8 @@ def save_hf_tokenizer(
 
 # ------------------------------------------------------------------ chat templates
 
-# Renders like tessera.data.templates._fragments; the constants are set in front of it.
+# Renders like tessera.data.templates._fragments; the constants are set in front of it. The
+# generation prompt ends at assistant_prefix: the model writes answer_separator itself.
 _JINJA_BODY = (
     "{%- macro render(content) -%}"
     "{%- if content is string -%}{{- content -}}"
@@ -193,7 +196,8 @@ _JINJA_BODY = (
     "{%- if loop.first and system_inside_first_user -%}{{- system_block -}}{%- endif -%}"
     "{{- render(message['content']) -}}{{- user_suffix -}}"
     "{%- else -%}"
-    "{{- assistant_prefix -}}{{- render(message['content']) -}}{{- assistant_suffix -}}"
+    "{{- assistant_prefix -}}{{- answer_separator -}}{{- render(message['content']) -}}"
+    "{{- assistant_suffix -}}"
     "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}"
@@ -217,6 +221,7 @@ def chat_template_jinja(template: ChatTemplate | str, image_token: str = IMAGE_T
         "user_prefix": t.user_prefix,
         "user_suffix": t.user_suffix,
         "assistant_prefix": t.assistant_prefix,
+        "answer_separator": t.answer_separator,
         "assistant_suffix": t.assistant_suffix,
         "turn_separator": t.turn_separator,
     }

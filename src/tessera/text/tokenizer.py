@@ -13,12 +13,13 @@ tokenizer from a Hugging Face tokenizer folder (resolving missing roles) is
 `tessera.interop.hf_tokenizer.tokenizer_from_hf`.
 
 Whitespace convention. The pre-tokenizer is ByteLevel with `add_prefix_space=False`: no
-space is invented in front of a text, so `encode(a) + encode(b)` decodes to exactly `a + b`
-and the tokens of a string never depend on what was encoded before it. The chat templates
-rely on this: they encode every fragment ("ASSISTANT: ", the answer, "</s>") on its own, so
-an answer is always tokenized as `encode(answer)`, during training and at generation time
-alike. Spaces stay with the fragment that wrote them (the template prefix "ASSISTANT: "
-ends with its own space token).
+space is invented in front of a text. The chat templates tokenize a whole rendered
+conversation at once, like transformers' `apply_chat_template` and inference servers, so an
+answer is tokenized in context: after "ASSISTANT:" the answer "blue" with the space the
+template writes before it is the one token " blue", not " " + "blue". `encode_with_offsets`
+gives each token's character span, from which the templates label the tokens that overlap an
+answer. A generation prompt must end where the pre-tokenizer splits (no trailing space), so
+that it stays a token prefix of the training sequence; see `tessera.data.templates`.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ SPECIAL_TOKENS: tuple[str, ...] = (
     BOS_TOKEN,
     EOS_TOKEN,
     IMAGE_TOKEN,
-    # Role and format markers of the chat templates; atomic so that a template fragment
+    # Role and format markers of the chat templates; atomic so that a template string
     # never merges with the message next to it.
     "<|im_start|>",
     "<|im_end|>",
@@ -142,6 +143,12 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; special tokens written in it ("<image>", "</s>") map to their id."""
         return self._backend.encode(text, add_special_tokens=False).ids
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """The ids of `encode(text)` and each token's [start, end) character span in `text`, so
+        that callers can tell which part of a rendered string a token came from."""
+        encoding = self._backend.encode(text, add_special_tokens=False)
+        return encoding.ids, [(int(start), int(end)) for start, end in encoding.offsets]
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
         # int() accepts plain ints as well as 0-d tensors / numpy scalars from a model's output.
