@@ -131,6 +131,21 @@ def test_contrastive_task_adds_the_region_loss(shapes: Path) -> None:
         enc.patches, phrase_emb, batch.region_targets[enc.patch_box], model.logit_scale)
     torch.testing.assert_close(loss, expected)
     assert {"itc", "region_patches"} <= set(logs) and "region" not in logs
+    # Per category: the same patches against "a circle.", "a square.", ... (one phrase for every colour).
+    task.objectives = {"itc": 1.0, "region_category": 0.5}
+    batch = task.make_batch(list(range(4)))
+    assert batch is not None and batch.category_ids is not None and batch.category_targets is not None
+    kinds = [tok.decode(row[m].tolist()) for row, m in zip(batch.category_ids, batch.category_mask, strict=True)]
+    assert [kinds[t] for t in batch.category_targets.tolist()] == [
+        region_phrase(r.category) for i in range(4) for r in regions[task.pairs[i].image]]
+    loss, logs = task.loss(model, batch)
+    enc = model.encode_image_and_regions(batch.pixels, batch.region_image_index, batch.region_boxes, per_patch=True)
+    assert enc.patches is not None and enc.patch_box is not None
+    expected = clip_loss(enc.images, model.encode_text(batch.ids, batch.mask), model.logit_scale) + 0.5 * region_phrase_loss(
+        enc.patches, model.encode_text(batch.category_ids, batch.category_mask), batch.category_targets[enc.patch_box],
+        model.logit_scale)
+    torch.testing.assert_close(loss, expected)
+    assert {"itc", "region_category"} <= set(logs) and "region_patches" not in logs
     # Each region's own phrase is its target.
     phrases = [tok.decode(row[m].tolist()) for row, m in zip(batch.phrase_ids, batch.phrase_mask, strict=True)]
     flat = [r.phrase for i in range(4) for r in regions[task.pairs[i].image]]

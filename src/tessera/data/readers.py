@@ -259,7 +259,8 @@ def read_coco_regions(path: str | Path, image_root: str | Path,
             x, y, w, h = (float(v) for v in box)
             words = [annotation[a] for a in attributes if isinstance(annotation.get(a), str)]
             regions.setdefault(image, []).append(RegionPhrase(
-                (x / width, y / height, w / width, h / height), region_phrase(names[annotation["category_id"]], words)))
+                (x / width, y / height, w / width, h / height), region_phrase(names[annotation["category_id"]], words),
+                names[annotation["category_id"]]))
     return regions, stats
 
 

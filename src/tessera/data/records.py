@@ -42,6 +42,7 @@ class RegionPhrase:
 
     box: tuple[float, float, float, float]
     phrase: str
+    category: str = ""  # the category name alone ("circle"), for category-level objectives
 
 
 @dataclass(frozen=True)

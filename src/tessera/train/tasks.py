@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from tessera.data.collate import Batch, Sample, pack_collate, pad_collate
 from tessera.data.datasets import CaptionPairs, ConversationDataset, ImageCache, text_sample
+from tessera.data.readers import region_phrase
 from tessera.data.records import RegionPhrase, SkipStats
 from tessera.data.templates import IGNORE_INDEX
 from tessera.models.dual_encoder import DualEncoder, SigLIPDualEncoder
@@ -36,8 +37,9 @@ def _check_objectives(objectives: dict[str, float], allowed: set[str], task: str
 
 # ContrastiveTask's losses: CLIP's softmax ITC or SigLIP's pairwise sigmoid, plus optionally
 # (with itc) the region-phrase ITC of object boxes ("region": each box's pooled patch tokens;
-# "region_patches": every patch a box owns on its own).
-REGION_OBJECTIVES: tuple[str, ...] = ("region", "region_patches")
+# "region_patches": every patch a box owns on its own; "region_category": every such patch
+# against the category phrases alone, "a circle.").
+REGION_OBJECTIVES: tuple[str, ...] = ("region", "region_patches", "region_category")
 CONTRASTIVE_OBJECTIVES: tuple[str, ...] = ("itc", "sigmoid", *REGION_OBJECTIVES)
 
 
@@ -58,6 +60,10 @@ class ContrastiveBatch:
     phrase_ids: Tensor | None = None
     phrase_mask: Tensor | None = None
     region_targets: Tensor | None = None
+    # "region_category": the distinct category phrases' ids and mask (V, L'') and each box's index (M,).
+    category_ids: Tensor | None = None
+    category_mask: Tensor | None = None
+    category_targets: Tensor | None = None
 
 
 class ContrastiveTask:
@@ -78,7 +84,9 @@ class ContrastiveTask:
     that makes the patch tokens (what LLaVA's connector reads) encode shape. {"region_patches": w}
     scores every patch a box owns against the phrases on its own: pooled boxes leave single
     patches weak on shape (linear shape probe of one patch 0.52 vs 0.78 for the box mean), and
-    LLaVA's language model reads single patches.
+    LLaVA's language model reads single patches. {"region_category": w} scores the same patches
+    against the category alone ("a circle."), one phrase shared by every colour: the full phrases
+    let the ViT learn colour-shape conjunctions, which fail on combinations never seen.
     """
 
     def __init__(
@@ -159,12 +167,13 @@ class ContrastiveTask:
 
     def _add_regions(self, batch: ContrastiveBatch, images: Sequence[Path]) -> None:
         assert self.regions is not None
-        boxes, owners, phrases = [], [], []
+        boxes, owners, phrases, categories = [], [], [], []
         for k, image in enumerate(images):
             for region in self.regions.get(image, ()):
                 boxes.append(region.box)
                 owners.append(k)
                 phrases.append(region.phrase)
+                categories.append(region.category)
         if not boxes:
             return
         distinct = sorted(set(phrases))
@@ -173,6 +182,13 @@ class ContrastiveTask:
         batch.region_image_index = torch.tensor(owners)
         batch.phrase_ids, batch.phrase_mask = self.encode_texts(distinct)
         batch.region_targets = torch.tensor([distinct.index(p) for p in phrases])
+        if self.objectives is not None and "region_category" in self.objectives:
+            if not all(categories):
+                raise ValueError("the region_category objective needs each region's category "
+                                 "(RegionPhrase.category, filled by read_coco_regions)")
+            kinds = sorted(set(categories))
+            batch.category_ids, batch.category_mask = self.encode_texts([region_phrase(c) for c in kinds])
+            batch.category_targets = torch.tensor([kinds.index(c) for c in categories])
 
     def objective(self, model: nn.Module) -> tuple[str, float]:
         """(loss name, weight) this task trains `model` with."""
@@ -190,15 +206,21 @@ class ContrastiveTask:
             if not isinstance(model, DualEncoder):
                 raise TypeError(f"the region objectives need a CLIP-style DualEncoder, not {type(model).__name__}")
             assert self.objectives is not None and batch.region_targets is not None
+            per_patch = bool({"region_patches", "region_category"} & set(self.objectives))
             enc = model.encode_image_and_regions(batch.pixels, batch.region_image_index, batch.region_boxes,
-                                                 per_patch="region_patches" in self.objectives)
+                                                 per_patch=per_patch)
             img = enc.images
             phrases = model.encode_text(batch.phrase_ids, batch.phrase_mask)
             if "region" in self.objectives:
                 region_losses["region"] = region_phrase_loss(enc.boxes, phrases, batch.region_targets, model.logit_scale)
             if enc.patches is not None and enc.patch_box is not None and len(enc.patch_box):
-                region_losses["region_patches"] = region_phrase_loss(
-                    enc.patches, phrases, batch.region_targets[enc.patch_box], model.logit_scale)
+                if "region_patches" in self.objectives:
+                    region_losses["region_patches"] = region_phrase_loss(
+                        enc.patches, phrases, batch.region_targets[enc.patch_box], model.logit_scale)
+                if batch.category_targets is not None:
+                    kinds = model.encode_text(batch.category_ids, batch.category_mask)
+                    region_losses["region_category"] = region_phrase_loss(
+                        enc.patches, kinds, batch.category_targets[enc.patch_box], model.logit_scale)
         else:
             img = model.encode_image(batch.pixels)
         txt = model.encode_text(batch.ids, batch.mask)
