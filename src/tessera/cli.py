@@ -105,24 +105,37 @@ def train(
     clip_hard_negatives: Annotated[bool | None, typer.Option(
         help="clip stage: also score each caption with one colour / shape / size word swapped (NegCLIP); "
              "default: the preset's")] = None,
+    vision_from: Annotated[Path | None, typer.Option(
+        help="Hugging Face or Tessera folder of a vision tower (CLIP / SigLIP) to use instead of the "
+             "preset's ViT; stage clip is then not run")] = None,
+    language_from: Annotated[Path | None, typer.Option(
+        help="Hugging Face or Tessera folder of a decoder LLM (LLaMA / Mistral / Qwen2) with its tokenizer "
+             "to use instead of the preset's LM and BPE tokenizer; stage lm is then not run")] = None,
+    template: Annotated[str | None, typer.Option(
+        help="chat template instead of the preset's (e.g. chatml for an imported Qwen2)")] = None,
 ) -> None:
     """Train the LLaVA pipeline: CLIP-style ViT, LM, then LLaVA stages 1 (align) and 2 (instruct)."""
-    from tessera.pipeline import STAGES, train_llava
+    from tessera.pipeline import train_llava
     from tessera.presets.llava import get_preset
 
-    stages = stage or list(STAGES)
+    stages = stage or None  # None: all stages, less those of imported parts
     resume_map = None
     if resume is not None:
-        if len(stages) != 1:
+        if stages is None or len(stages) != 1:
             _fail("--resume needs exactly one --stage")
         resume_map = {stages[0]: resume}
     try:
         chosen = get_preset(preset)
         if clip_hard_negatives is not None:
             chosen = chosen.model_copy(update={"clip_hard_negatives": clip_hard_negatives})
-        result = train_llava(chosen, data, out, stages=stages, step_scale=step_scale, seed=seed, resume=resume_map)
+        if template is not None:
+            chosen = chosen.model_copy(update={"template": template})
+        result = train_llava(chosen, data, out, stages=stages, step_scale=step_scale, seed=seed, resume=resume_map,
+                             vision_from=vision_from, language_from=language_from)
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
+    for note in result.notes:
+        typer.echo(note)
     for r in result.stages:
         typer.echo(f"{r.stage}: {r.steps} steps, {r.seconds:.0f}s, final loss {r.final_loss:.4f}; {r.trainable}")
     typer.echo(result.skips.summary())

@@ -30,6 +30,7 @@ from tessera.data.shapes_reading import reading_task_paths
 from tessera.data.templates import ChatTemplate, get_template, with_task
 from tessera.eval.vqa_eval import evaluate_vqa
 from tessera.eval.vqa_metrics import VQAScores
+from tessera.imported_parts import import_parts
 from tessera.models.dual_encoder import DualEncoder, DualEncoderConfig
 from tessera.models.lvlm import LVLM, LVLMConfig
 from tessera.nn.lora import apply_lora, lora_config
@@ -62,10 +63,13 @@ def corpus_texts(data_dir: Path) -> list[str]:
     return texts
 
 
-def build_lvlm(preset: LLaVAPreset | LVLMPreset, tokenizer: Tokenizer) -> LVLM:
+def build_lvlm(preset: LLaVAPreset | LVLMPreset, tokenizer: Tokenizer, vocab_size: int | None = None) -> LVLM:
+    """The preset's LVLM with an embedding of `vocab_size` rows (default: the tokenizer's size;
+    an imported LLM keeps its own table, which may be larger than its tokenizer)."""
     if isinstance(preset, LLaVAPreset):
         preset = from_llava(preset)
-    llm = preset.llm.model_copy(update={"vocab_size": tokenizer.vocab_size, "visual_expert": preset.visual_expert})
+    llm = preset.llm.model_copy(update={"vocab_size": vocab_size or tokenizer.vocab_size,
+                                        "visual_expert": preset.visual_expert})
     return LVLM(LVLMConfig(vision=preset.encoder or preset.vision, connector=preset.connector, llm=llm,
                            image_token_id=tokenizer.image_id, vision_feature_layer=preset.vision_feature_layer,
                            vision_feature_select=preset.vision_feature_select, tiling=preset.tiling,
@@ -108,31 +112,43 @@ class PipelineResult:
     stages: list[StageResult] = field(default_factory=list)
     skips: SkipStats = field(default_factory=SkipStats)
     checkpoint: Path | None = None
+    notes: list[str] = field(default_factory=list)  # imported parts: what was imported, stages not run
 
 
 def train_llava(
-    preset: LLaVAPreset, data_dir: str | Path, out: str | Path, *, stages: Sequence[str] = STAGES,
+    preset: LLaVAPreset, data_dir: str | Path, out: str | Path, *, stages: Sequence[str] | None = None,
     step_scale: float = 1.0, seed: int = 0, progress: bool = True, resume: dict[str, Path] | None = None,
+    vision_from: str | Path | None = None, language_from: str | Path | None = None,
 ) -> PipelineResult:
     """`train_lvlm` on a LLaVA preset: stages clip, lm, align, instruct; LLaVA checkpoints in
-    out/llava/<stage>."""
-    return train_lvlm(from_llava(preset), data_dir, out, stages=stages, step_scale=step_scale, seed=seed,
-                      progress=progress, resume=resume)
+    out/llava/<stage> (all four by default, less those of imported parts)."""
+    return train_lvlm(from_llava(preset), data_dir, out, stages=stages,
+                      step_scale=step_scale, seed=seed, progress=progress, resume=resume,
+                      vision_from=vision_from, language_from=language_from)
 
 
 def train_lvlm(
     preset: LVLMPreset, data_dir: str | Path, out: str | Path, *, stages: Sequence[str] | None = None,
     step_scale: float = 1.0, seed: int = 0, progress: bool = True, resume: dict[str, Path] | None = None,
-    pretrained: str | Path | None = None,
+    pretrained: str | Path | None = None, vision_from: str | Path | None = None,
+    language_from: str | Path | None = None,
 ) -> PipelineResult:
     """Train the named stages in order (all by default: "clip", "lm", then the preset's own),
     each from the previous one's weights. Stages left out load their result from `out` (e.g.
     rerun only the last stage after a change). `resume` maps a stage name to a step
     checkpoint to continue it from. `pretrained` is another run's folder to take the
     tokenizer and the "clip" and "lm" results from (the zoo shares one pretraining among
-    presets with the same towers); those two stages are then not run here."""
+    presets with the same towers); those two stages are then not run here. `vision_from` /
+    `language_from` (a Hugging Face or Tessera folder, see `tessera.imported_parts`) replace
+    the ViT / the LM and its tokenizer by imported ones, whose stages are then not run."""
     data_dir, out = Path(data_dir), Path(out)
-    stages = preset.stage_names if stages is None else tuple(stages)
+    parts = import_parts(preset, vision=vision_from, language=language_from)
+    preset = parts.preset
+    default = tuple(s for s in preset.stage_names if s not in parts.skipped_stages)
+    stages = default if stages is None else tuple(stages)
+    clash = sorted(set(stages) & set(parts.skipped_stages))
+    if clash:
+        raise ValueError(f"stages {clash} come from imported parts; do not ask to train them too")
     unknown = set(stages) - set(preset.stage_names)
     if unknown:
         raise ValueError(f"unknown stages {sorted(unknown)}; allowed: {list(preset.stage_names)}")
@@ -143,17 +159,21 @@ def train_lvlm(
         raise ValueError("stages 'clip' and 'lm' come from `pretrained`; do not ask to train them too")
     source = out if pretrained is None else Path(pretrained)  # where tokenizer, clip and lm results are
     tok_file = source / "tokenizer" / "tokenizer.json"
-    if pretrained is not None and not tok_file.is_file():
+    if pretrained is not None and parts.tokenizer is None and not tok_file.is_file():
         raise FileNotFoundError(f"pretrained run {source} has no tokenizer ({tok_file})")
-    if "clip" in stages or not tok_file.is_file():
+    if parts.tokenizer is not None:  # the imported LLM's tokenizer
+        tok_file = parts.tokenizer.save(out / "tokenizer")
+    elif "clip" in stages or (vision_from is not None and "lm" in stages) or not tok_file.is_file():
         extra = {"extra_special_tokens": preset.special_tokens} if preset.special_tokens else {}
         tokenizer = train_bpe(corpus_texts(data_dir), vocab_size=preset.tokenizer_vocab_size, **extra)
         tokenizer.save(tok_file.parent)
     tokenizer = Tokenizer.load(tok_file)
     size = preset.image_size
-    images = ImageCache(ImageTransform(size=(size, size)), skips)
+    transform = parts.image_transform(size)  # an imported tower's size and statistics
+    images = ImageCache(transform, skips)
     train_paths = shapes_split_paths(data_dir, "train")
-    meta = {"preset": preset.name, "template": preset.template, "image_size": [size, size]}
+    meta = {"preset": preset.name, "template": preset.template, "image_size": list(transform.size),
+            "image_mean": list(transform.mean), "image_std": list(transform.std)}
     if preset.vqa_task:
         meta["vqa_task"] = preset.vqa_task
     results: list[StageResult] = []
@@ -187,7 +207,7 @@ def train_lvlm(
         lm = LlamaDecoder(preset.llm.model_copy(update={"vocab_size": tokenizer.vocab_size}))
         run(lm, preset.lm_stage, LanguageModelTask(corpus_texts(data_dir), tokenizer, 128), out / "lm")
 
-    model = build_lvlm(preset, tokenizer)
+    model = build_lvlm(preset, tokenizer, vocab_size=preset.llm.vocab_size if parts.language is not None else None)
     lvlm_stages = [s for s in preset.stages if s.name in stages]
     if lvlm_stages:
         first = [s.name for s in preset.stages].index(lvlm_stages[0].name)
@@ -198,8 +218,13 @@ def train_lvlm(
             model.load_state_dict(previous.state_dict())
         else:
             # A NaViT tower starts from the ViT, a visual expert from the LLM's text weights.
-            model.load_pretrained_parts(load_checkpoint(source / "clip" / "final").model.vision_model.state_dict(),
-                                        load_checkpoint(source / "lm" / "final").model.state_dict())
+            vision = parts.vision
+            if vision is None:
+                vision = load_checkpoint(source / "clip" / "final").model.vision_model.state_dict()
+            language = parts.language
+            if language is None:
+                language = load_checkpoint(source / "lm" / "final").model.state_dict()
+            model.load_pretrained_parts(vision, language)
             load_stage_modules(model, out / preset.folder, preset.init_from_stages)
     for stage in lvlm_stages:
         convs = read_stage_conversations(train_paths, stage.data, data_dir, skips)
@@ -210,7 +235,8 @@ def train_lvlm(
         run(model, stage, ConversationTask(dataset, packing=stage.packing, objectives=stage.objectives),
             out / preset.folder / stage.name)
     last = out / preset.folder / lvlm_stages[-1].name / "final" if lvlm_stages else None
-    return PipelineResult(model=model, tokenizer=tokenizer, stages=results, skips=skips, checkpoint=last)
+    return PipelineResult(model=model, tokenizer=tokenizer, stages=results, skips=skips, checkpoint=last,
+                          notes=parts.notes)
 
 
 # Derived training sets a preset registers by name (Vary-tiny's prompt-free reading data):
