@@ -21,7 +21,7 @@ from __future__ import annotations
 from tessera.config import Config
 from tessera.connectors.resampler import ResamplerConfig
 from tessera.presets.base import LVLMPreset, tiny_towers
-from tessera.presets.lvlm_runner import zoo_runner
+from tessera.presets.lvlm_runner import reading_eval, zoo_runner
 from tessera.text.llama import LlamaConfig
 from tessera.train.stage import StageConfig
 from tessera.vision.vit import ViTConfig
@@ -37,8 +37,9 @@ def tiny() -> LVLMPreset:
         stages=[
             StageConfig(name="pretrain", trainable=["vision_tower", "connector"], data="llava_pretrain",
                         steps=100, batch_size=32, lr=2e-3, warmup_steps=10, lr_scale={"vision_tower": 0.1}),
-            StageConfig(name="multitask", trainable=["*"], data="llava_instruct", group_by_image=True, packing=True,
-                        steps=150, batch_size=16, lr=1e-3, warmup_steps=10, lr_scale={"vision_tower": 0.1}),
+            # Qwen-VL's multi-task stage includes grounding: "<ref>…</ref><box>(x1,y1),(x2,y2)</box>".
+            StageConfig(name="multitask", trainable=["*"], data="llava_instruct+rec_qwen?", group_by_image=True,
+                        packing=True, steps=150, batch_size=16, lr=1e-3, warmup_steps=10, lr_scale={"vision_tower": 0.1}),
             StageConfig(name="sft", trainable=["connector", "language_model"], data="llava_instruct",
                         group_by_image=True, steps=100, batch_size=16, lr=5e-4, warmup_steps=10),
         ],
@@ -69,4 +70,4 @@ def paper() -> dict[str, Config]:
     }
 
 
-ZOO = {"qwen-vl": zoo_runner(tiny)}
+ZOO = {"qwen-vl": zoo_runner(tiny, extra_evals=[reading_eval("rec_qwen")])}
