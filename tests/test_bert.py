@@ -4,8 +4,6 @@ encoder/decoder sharing, and VLMo's modality-expert routing."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from torch import Tensor, nn
@@ -23,13 +21,6 @@ HF_TINY = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attent
                intermediate_size=128, max_position_embeddings=32, hidden_act="gelu", layer_norm_eps=1e-12)
 IMAGE_WIDTH = 48  # BLIP's ViT may be wider or narrower than the text model
 
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def randomize_bert_(model: nn.Module, seed: int) -> None:

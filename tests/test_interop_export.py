@@ -6,7 +6,6 @@ generation), and the processor / tokenizer / chat template reproduce Tessera's p
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -52,13 +51,6 @@ CORPUS = [
     "how many triangles are there? three",
 ] * 30
 
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ and read back through `tessera.interop.load_hf`; outputs must match within 1e-4 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,13 +50,6 @@ TINY_VISION = dict(**TINY_TOWER, image_size=IMAGE, patch_size=8)
 TINY_TEXT = dict(**TINY_TOWER, vocab_size=VOCAB, max_position_embeddings=16)
 CORPUS = ["what color is the circle", "a red square left of a blue triangle", "USER: ASSISTANT:"] * 20
 
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def save_hf(model: nn.Module, folder: Path, **kwargs: Any) -> Path:

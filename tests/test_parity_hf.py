@@ -9,7 +9,6 @@ images in the ViT.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -62,14 +61,6 @@ TINY_CLIP_VISION = dict(
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread() -> Iterator[None]:
-    """The models are tiny: splitting their matmuls over threads only adds synchronisation, which
-    costs milliseconds per op when the cores are shared with other processes."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def max_abs_diff(a: Tensor, b: Tensor) -> float:

@@ -4,7 +4,6 @@ ITM negatives, the checkpoint round trip, and a tiny run that learns to match im
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -45,13 +44,6 @@ TINY = dict(vocab_size=300, hidden_size=32, num_layers=2, num_heads=2, intermedi
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 60, 220), "yellow": (230, 220, 30),
           "purple": (150, 40, 180), "orange": (240, 140, 20)}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

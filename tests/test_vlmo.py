@@ -5,7 +5,6 @@ the checkpoint round trip, and a tiny three-stage run that learns."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,13 +38,6 @@ from tessera.zoo.core import SPLITS, ZooContext
 TINY = dict(hidden_size=32, num_layers=3, num_heads=2, intermediate_size=64, vl_expert_layers=1, image_size=32,
             patch_size=16, max_position_embeddings=16, projection_dim=32)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
