@@ -11,18 +11,20 @@ import torch
 from tessera.data.datasets import ImageCache, group_captions
 from tessera.data.images import ImageTransform
 from tessera.data.readers import (
+    position_phrase,
     read_coco_captions,
     read_coco_regions,
     region_phrase,
     shapes_split_paths,
 )
 from tessera.data.records import SkipStats
-from tessera.data.shapes import ShapesConfig, generate_shapes
+from tessera.data.shapes import COLORS, ShapesConfig, generate_shapes
 from tessera.models.dual_encoder import DualEncoder, DualEncoderConfig
 from tessera.objectives.contrastive import clip_loss, region_phrase_loss
 from tessera.text.clip_text import CLIPTextConfig
 from tessera.text.tokenizer import train_bpe
-from tessera.train.tasks import ContrastiveTask
+from tessera.text.word_swaps import WordSwapper
+from tessera.train.tasks import ContrastiveTask, GrayscaleViews, to_grayscale
 from tessera.vision.vit import ViTConfig, box_pool, patches_in_boxes
 
 
@@ -131,21 +133,24 @@ def test_contrastive_task_adds_the_region_loss(shapes: Path) -> None:
         enc.patches, phrase_emb, batch.region_targets[enc.patch_box], model.logit_scale)
     torch.testing.assert_close(loss, expected)
     assert {"itc", "region_patches"} <= set(logs) and "region" not in logs
-    # Per category: the same patches against "a circle.", "a square.", ... (one phrase for every colour).
-    task.objectives = {"itc": 1.0, "region_category": 0.5}
-    batch = task.make_batch(list(range(4)))
-    assert batch is not None and batch.category_ids is not None and batch.category_targets is not None
-    kinds = [tok.decode(row[m].tolist()) for row, m in zip(batch.category_ids, batch.category_mask, strict=True)]
-    assert [kinds[t] for t in batch.category_targets.tolist()] == [
-        region_phrase(r.category) for i in range(4) for r in regions[task.pairs[i].image]]
-    loss, logs = task.loss(model, batch)
-    enc = model.encode_image_and_regions(batch.pixels, batch.region_image_index, batch.region_boxes, per_patch=True)
-    assert enc.patches is not None and enc.patch_box is not None
-    expected = clip_loss(enc.images, model.encode_text(batch.ids, batch.mask), model.logit_scale) + 0.5 * region_phrase_loss(
-        enc.patches, model.encode_text(batch.category_ids, batch.category_mask), batch.category_targets[enc.patch_box],
-        model.logit_scale)
-    torch.testing.assert_close(loss, expected)
-    assert {"itc", "region_category"} <= set(logs) and "region_patches" not in logs
+    # Per category: the same patches against "a circle.", "a square.", ... (one phrase for every colour);
+    # per position: against their box's place in a 3x3 grid ("at the top left.").
+    for objective, label_of in (("region_category", lambda r: region_phrase(r.category)),
+                                ("region_position", lambda r: position_phrase(r.box))):
+        task.objectives = {"itc": 1.0, objective: 0.5}
+        batch = task.make_batch(list(range(4)))
+        assert batch is not None and set(batch.patch_labels) == {objective}
+        labels = batch.patch_labels[objective]
+        kinds = [tok.decode(row[m].tolist()) for row, m in zip(labels.ids, labels.mask, strict=True)]
+        assert [kinds[t] for t in labels.targets.tolist()] == [
+            label_of(r) for i in range(4) for r in regions[task.pairs[i].image]]
+        loss, logs = task.loss(model, batch)
+        enc = model.encode_image_and_regions(batch.pixels, batch.region_image_index, batch.region_boxes, per_patch=True)
+        assert enc.patches is not None and enc.patch_box is not None
+        expected = clip_loss(enc.images, model.encode_text(batch.ids, batch.mask), model.logit_scale) + 0.5 * region_phrase_loss(
+            enc.patches, model.encode_text(labels.ids, labels.mask), labels.targets[enc.patch_box], model.logit_scale)
+        torch.testing.assert_close(loss, expected)
+        assert {"itc", objective} <= set(logs) and "region_patches" not in logs
     # Each region's own phrase is its target.
     phrases = [tok.decode(row[m].tolist()) for row, m in zip(batch.phrase_ids, batch.phrase_mask, strict=True)]
     flat = [r.phrase for i in range(4) for r in regions[task.pairs[i].image]]
@@ -166,3 +171,45 @@ def test_region_objective_is_checked(shapes: Path) -> None:
         ContrastiveTask(pairs, tok, images, 48, {"sigmoid": 1.0, "region": 1.0}, regions={})
     with pytest.raises(ValueError, match="one loss"):
         ContrastiveTask(pairs, tok, images, 48, {"region": 1.0}, regions={})
+
+
+def test_position_phrase_names_the_grid_cell_of_the_box_centre() -> None:
+    assert position_phrase((0.0, 0.0, 0.2, 0.2)) == "at the top left."
+    assert position_phrase((0.4, 0.4, 0.2, 0.2)) == "in the middle."
+    assert position_phrase((0.8, 0.45, 0.2, 0.1)) == "on the right."
+    assert position_phrase((0.3, 0.9, 0.1, 0.1)) == "at the bottom."
+    assert position_phrase((0.1, 0.7, 0.1, 0.2)) == "at the bottom left."
+    assert position_phrase((0.35, 0.0, 0.3, 0.2)) == "at the top."
+    # A centre exactly on the last edge still falls in the last cell.
+    assert position_phrase((0.5, 0.5, 0.5, 0.5)) == "at the bottom right."
+
+
+def test_grayscale_views_drop_colour_from_pixels_and_every_text(shapes: Path) -> None:
+    paths = shapes_split_paths(shapes, "train")
+    captions, _ = read_coco_captions(paths["captions"], shapes)
+    regions, _ = read_coco_regions(paths["objects"], shapes)
+    tok = train_bpe([c.caption for c in captions] + [r.phrase for rs in regions.values() for r in rs], vocab_size=300)
+    images = ImageCache(ImageTransform(size=(32, 32)), SkipStats())
+    words = WordSwapper.for_shapesworld()
+    objectives = {"itc": 1.0, "region": 1.0}
+    colours = set(COLORS)
+    for probability in (0.0, 1.0):
+        task = ContrastiveTask(group_captions(captions), tok, images, 48, objectives, regions=regions,
+                               grayscale=GrayscaleViews(probability, words))
+        torch.manual_seed(0)
+        batch = task.make_batch(list(range(4)))
+        assert batch is not None and batch.phrase_ids is not None
+        raw = torch.stack([images.get(task.pairs[i].image) for i in range(4)])
+        texts = [tok.decode(row[m].tolist()) for row, m in zip(batch.ids, batch.mask, strict=True)]
+        phrases = [tok.decode(row[m].tolist()) for row, m in zip(batch.phrase_ids, batch.phrase_mask, strict=True)]
+        said = set(" ".join(texts + phrases).replace(".", " ").split())
+        if probability == 0.0:
+            torch.testing.assert_close(batch.pixels, images.normalize(raw))
+            assert said & colours
+        else:
+            gray = torch.stack([to_grayscale(px) for px in raw])
+            assert (gray[:, 0] == gray[:, 1]).all() and (gray[:, 1] == gray[:, 2]).all()
+            torch.testing.assert_close(batch.pixels, images.normalize(gray))
+            assert not said & colours, said & colours
+    with pytest.raises(ValueError, match="grayscale probability"):
+        GrayscaleViews(1.5, words)

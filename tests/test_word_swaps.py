@@ -91,3 +91,17 @@ def test_clip_loss_hard_negatives_are_extra_image_to_text_columns() -> None:
     assert torch.allclose(clip_loss(images, texts, scale, hard_negative_texts=texts[:0]), clip_loss(images, texts, scale))
     with pytest.raises(ValueError, match="hard_negative_texts"):
         clip_loss(images, texts, scale, hard_negative_texts=negatives[:, :4])
+
+
+def test_drop_removes_every_word_of_a_group_and_fixes_articles() -> None:
+    swapper = WordSwapper.for_shapesworld()
+    assert swapper.drop("an image of a large purple diamond and a small green circle.", ["color"]) == (
+        "an image of a large diamond and a small circle.")
+    assert swapper.drop("there are 2 shapes: an orange diamond, a yellow triangle and a blue square.", ["color"]) == (
+        "there are 2 shapes: a diamond, a triangle and a square.")
+    assert swapper.drop("a green circle to the right of an orange diamond.", ["color", "size"]) == (
+        "a circle to the right of a diamond.")
+    assert swapper.drop("the shape is red.", ["color"]) == "the shape is."  # a last word takes its space along
+    assert swapper.drop("a large circle.", ["color"]) == "a large circle."
+    with pytest.raises(ValueError, match="unknown word groups"):
+        swapper.drop("a red circle.", ["texture"])

@@ -105,6 +105,9 @@ def train(
     clip_hard_negatives: Annotated[bool | None, typer.Option(
         help="clip stage: also score each caption with one colour / shape / size word swapped (NegCLIP); "
              "default: the preset's")] = None,
+    clip_grayscale: Annotated[float | None, typer.Option(
+        help="clip stage: fraction of images shown in grayscale with colour words dropped from their texts; "
+             "default: the preset's")] = None,
     vision_from: Annotated[Path | None, typer.Option(
         help="Hugging Face or Tessera folder of a vision tower (CLIP / SigLIP) to use instead of the "
              "preset's ViT; stage clip is then not run")] = None,
@@ -128,6 +131,8 @@ def train(
         chosen = get_preset(preset)
         if clip_hard_negatives is not None:
             chosen = chosen.model_copy(update={"clip_hard_negatives": clip_hard_negatives})
+        if clip_grayscale is not None:
+            chosen = chosen.model_copy(update={"clip_grayscale": clip_grayscale})
         if template is not None:
             chosen = chosen.model_copy(update={"template": template})
         result = train_llava(chosen, data, out, stages=stages, step_scale=step_scale, seed=seed, resume=resume_map,

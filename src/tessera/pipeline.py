@@ -45,6 +45,7 @@ from tessera.train.tasks import (
     REGION_OBJECTIVES,
     ContrastiveTask,
     ConversationTask,
+    GrayscaleViews,
     LanguageModelTask,
 )
 from tessera.train.trainer import StageResult, Trainer, seed_everything
@@ -195,13 +196,15 @@ def train_lvlm(
         side = preset.vision.image_size
         clip_images = images if size == side else ImageCache(ImageTransform(size=(side, side)), skips)
         # NegCLIP's hard negatives: each caption with one colour / shape / size word swapped.
-        swapper = WordSwapper.for_shapesworld(load_meta(data_dir)) if preset.clip_hard_negatives else None
+        words = WordSwapper.for_shapesworld(load_meta(data_dir))
+        swapper = words if preset.clip_hard_negatives else None
+        grayscale = GrayscaleViews(preset.clip_grayscale, words) if preset.clip_grayscale > 0 else None
         regions = None
         if set(preset.clip_stage.objectives) & set(REGION_OBJECTIVES):
             regions, region_skips = read_coco_regions(train_paths["objects"], data_dir)
             skips.merge(region_skips)
         task = ContrastiveTask(group_captions(captions), tokenizer, clip_images, preset.text_tower.max_position_embeddings,
-                               dict(preset.clip_stage.objectives), hard_negatives=swapper, regions=regions)
+                               dict(preset.clip_stage.objectives), hard_negatives=swapper, regions=regions, grayscale=grayscale)
         run(clip, preset.clip_stage, task, out / "clip")
     if "lm" in stages:
         lm = LlamaDecoder(preset.llm.model_copy(update={"vocab_size": tokenizer.vocab_size}))

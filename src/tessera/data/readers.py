@@ -210,6 +210,21 @@ def region_phrase(category: str, attributes: Sequence[str] = ()) -> str:
     return f"{'an' if words[:1].lower() in 'aeiou' else 'a'} {words}."
 
 
+_GRID_ROWS: tuple[str, ...] = ("top", "middle", "bottom")
+_GRID_COLUMNS: tuple[str, ...] = ("left", "centre", "right")
+
+
+def position_phrase(box: Sequence[float]) -> str:
+    """Where a box's centre lies in a 3x3 grid over the image, as a phrase ("at the top left.",
+    "in the middle."); `box` is (x, y, width, height) in fractions of the image."""
+    x, y, width, height = box
+    row = _GRID_ROWS[min(2, max(0, int((y + height / 2) * 3)))]
+    column = _GRID_COLUMNS[min(2, max(0, int((x + width / 2) * 3)))]
+    if row == "middle":
+        return "in the middle." if column == "centre" else f"on the {column}."
+    return f"at the {row}." if column == "centre" else f"at the {row} {column}."
+
+
 def read_coco_regions(path: str | Path, image_root: str | Path,
                       attributes: Sequence[str] = ("size", "color")) -> tuple[dict[Path, list[RegionPhrase]], SkipStats]:
     """A COCO instances file (``images``, ``categories``, ``annotations`` with ``bbox``) as region

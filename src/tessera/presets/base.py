@@ -49,6 +49,8 @@ class LVLMPreset(Config):
     # The clip stage also scores each caption against itself with one attribute word swapped
     # (NegCLIP); ShapesWorld's word lists come from the dataset's meta.json.
     clip_hard_negatives: bool = False
+    # Fraction of clip-stage images shown in grayscale with colour-free texts (GrayscaleViews).
+    clip_grayscale: float = 0.0
     lm_stage: StageConfig | None = None
     stages: list[StageConfig]  # the system's own stages, in order
     # Task identifier per stage data file (MiniGPT-v2: {"llava_pretrain": "caption", ...}) and
@@ -108,7 +110,7 @@ def from_llava(preset: LLaVAPreset) -> LVLMPreset:
         template=preset.template, vision_feature_layer=preset.vision_feature_layer,
         tokenizer_vocab_size=preset.tokenizer_vocab_size, clip_stage=preset.clip_stage,
         lm_stage=preset.lm_stage, stages=[preset.align_stage, preset.instruct_stage], folder="llava",
-        clip_hard_negatives=preset.clip_hard_negatives,
+        clip_hard_negatives=preset.clip_hard_negatives, clip_grayscale=preset.clip_grayscale,
     )
 
 
@@ -121,4 +123,5 @@ def tiny_towers() -> dict:
     base = tiny()
     return {"vision": base.vision, "text_tower": base.text_tower, "clip_projection_dim": base.clip_projection_dim,
             "llm": base.llm, "tokenizer_vocab_size": base.tokenizer_vocab_size,
-            "clip_stage": base.clip_stage, "lm_stage": base.lm_stage, "clip_hard_negatives": base.clip_hard_negatives}
+            "clip_stage": base.clip_stage, "lm_stage": base.lm_stage, "clip_hard_negatives": base.clip_hard_negatives,
+            "clip_grayscale": base.clip_grayscale}

@@ -31,6 +31,8 @@ class LLaVAPreset(Config):
     # The clip stage also scores each caption against itself with one attribute word swapped
     # (NegCLIP); ShapesWorld's word lists come from the dataset's meta.json.
     clip_hard_negatives: bool = False
+    # Fraction of clip-stage images shown in grayscale with colour-free texts (GrayscaleViews).
+    clip_grayscale: float = 0.0
     lm_stage: StageConfig | None = None
     align_stage: StageConfig  # LLaVA stage 1
     instruct_stage: StageConfig  # LLaVA stage 2

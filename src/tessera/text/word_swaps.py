@@ -103,6 +103,26 @@ class WordSwapper:
                 return "".join(out)
         return None
 
+    def drop(self, caption: str, groups: Sequence[str]) -> str:
+        """`caption` without the words of `groups` ("an orange circle" → "a circle" for
+        "color"): each word goes with the separator after it (before it when last), and articles
+        are fixed."""
+        unknown = set(groups) - set(self.groups)
+        if unknown:
+            raise ValueError(f"unknown word groups {sorted(unknown)}; known: {sorted(self.groups)}")
+        tokens = re.split(r"(\W+)", caption)
+        for i in range(len(tokens) - 1, -1, -2):  # words sit at even indices; go backwards to delete
+            if tokens[i] in self._lookup and self._lookup[tokens[i]][0].name in groups:
+                if i + 1 < len(tokens) and tokens[i + 1].isspace():
+                    del tokens[i: i + 2]
+                elif i > 0 and tokens[i - 1].isspace():
+                    del tokens[i - 1: i + 1]
+                else:  # a word between punctuation: keep the separators, join them
+                    tokens[i] = ""
+        for i in range(0, len(tokens), 2):
+            _fix_article(tokens, i)
+        return "".join(tokens)
+
     def _writes_held_out(self, tokens: list[str]) -> bool:
         if not self.held_out:
             return False

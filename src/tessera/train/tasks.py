@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from tessera.data.collate import Batch, Sample, pack_collate, pad_collate
 from tessera.data.datasets import CaptionPairs, ConversationDataset, ImageCache, text_sample
-from tessera.data.readers import region_phrase
+from tessera.data.readers import position_phrase, region_phrase
 from tessera.data.records import RegionPhrase, SkipStats
 from tessera.data.templates import IGNORE_INDEX
 from tessera.models.dual_encoder import DualEncoder, SigLIPDualEncoder
@@ -38,8 +38,12 @@ def _check_objectives(objectives: dict[str, float], allowed: set[str], task: str
 # ContrastiveTask's losses: CLIP's softmax ITC or SigLIP's pairwise sigmoid, plus optionally
 # (with itc) the region-phrase ITC of object boxes ("region": each box's pooled patch tokens;
 # "region_patches": every patch a box owns on its own; "region_category": every such patch
-# against the category phrases alone, "a circle.").
-REGION_OBJECTIVES: tuple[str, ...] = ("region", "region_patches", "region_category")
+# against the category phrases alone, "a circle."; "region_position": every such patch against
+# its box's place in a 3x3 grid, "at the top left.").
+REGION_OBJECTIVES: tuple[str, ...] = ("region", "region_patches", "region_category", "region_position")
+# The objectives that score each patch a box owns against one label of the box (its category, its
+# place) among the distinct labels of the batch, each label written as a short phrase.
+PATCH_LABEL_OBJECTIVES: tuple[str, ...] = ("region_category", "region_position")
 CONTRASTIVE_OBJECTIVES: tuple[str, ...] = ("itc", "sigmoid", *REGION_OBJECTIVES)
 
 
@@ -60,10 +64,38 @@ class ContrastiveBatch:
     phrase_ids: Tensor | None = None
     phrase_mask: Tensor | None = None
     region_targets: Tensor | None = None
-    # "region_category": the distinct category phrases' ids and mask (V, L'') and each box's index (M,).
-    category_ids: Tensor | None = None
-    category_mask: Tensor | None = None
-    category_targets: Tensor | None = None
+    # PATCH_LABEL_OBJECTIVES: objective → its distinct label phrases and each box's label.
+    patch_labels: dict[str, PatchLabels] = field(default_factory=dict)
+
+
+@dataclass
+class PatchLabels:
+    """The distinct label phrases' ids and mask (V, L'') and each box's label index (M,)."""
+
+    ids: Tensor
+    mask: Tensor
+    targets: Tensor
+
+
+@dataclass(frozen=True)
+class GrayscaleViews:
+    """Show an image in grayscale with probability `probability`, its caption and region phrases
+    stripped of the words of `groups` (colours): the view tells shape apart from colour without
+    ever showing a colour-shape pair the data lacks, so shape features cannot lean on colour."""
+
+    probability: float
+    words: WordSwapper
+    groups: tuple[str, ...] = ("color",)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.probability <= 1.0:
+            raise ValueError(f"grayscale probability must lie in [0, 1], got {self.probability}")
+
+
+def to_grayscale(pixels: Tensor) -> Tensor:
+    """(3, H, W) uint8 RGB → the same shape, every channel the ITU-R 601 luma."""
+    luma = (0.299 * pixels[0].float() + 0.587 * pixels[1].float() + 0.114 * pixels[2].float()).round()
+    return luma.clamp(0, 255).to(torch.uint8).expand(3, -1, -1).contiguous()
 
 
 class ContrastiveTask:
@@ -78,7 +110,7 @@ class ContrastiveTask:
     (ITC only) adds, for each drawn caption, that caption with one attribute word swapped as an
     extra image→text negative (NegCLIP; see text/word_swaps.py): on ShapesWorld the in-batch
     negatives differ in their colours almost always, and without such captions the ViT learns
-    colour but hardly shape. {"region": w} beside "itc" adds the region-phrase loss over
+    colour but hardly shape. `grayscale` shows some images without colour (GrayscaleViews). {"region": w} beside "itc" adds the region-phrase loss over
     `regions` (image file → its objects' boxes and phrases, `read_coco_regions`): object boxes
     pooled from the patch tokens against phrases like "a large red circle.", the local signal
     that makes the patch tokens (what LLaVA's connector reads) encode shape. {"region_patches": w}
@@ -87,13 +119,16 @@ class ContrastiveTask:
     LLaVA's language model reads single patches. {"region_category": w} scores the same patches
     against the category alone ("a circle."), one phrase shared by every colour: the full phrases
     let the ViT learn colour-shape conjunctions, which fail on combinations never seen.
+    {"region_position": w} scores them against their box's place ("at the top left.", a 3x3
+    grid over the image): the other objectives pool or equate a box's patches and wash out
+    where the box is, which spatial questions ("is the red circle left of the cross?") need.
     """
 
     def __init__(
         self, pairs: Sequence[CaptionPairs], tokenizer: Tokenizer, images: ImageCache,
         max_text_length: int, objectives: dict[str, float] | None = None, *,
         distributed: bool = False, pad_to_max_length: bool = False, hard_negatives: WordSwapper | None = None,
-        regions: Mapping[Path, Sequence[RegionPhrase]] | None = None,
+        regions: Mapping[Path, Sequence[RegionPhrase]] | None = None, grayscale: GrayscaleViews | None = None,
     ) -> None:
         if objectives is not None:
             _check_objectives(objectives, set(CONTRASTIVE_OBJECTIVES), "ContrastiveTask")
@@ -112,6 +147,7 @@ class ContrastiveTask:
         if hard_negatives is not None and objectives is not None and "itc" not in objectives:
             raise ValueError(f"hard-negative captions are implemented for the itc objective only, not {sorted(objectives)}")
         self.hard_negatives = hard_negatives
+        self.grayscale = grayscale
         self.distributed, self.pad_to_max_length = distributed, pad_to_max_length
         self.pairs, self.tokenizer, self.images = pairs, tokenizer, images
         self.max_text_length = max_text_length
@@ -135,17 +171,24 @@ class ContrastiveTask:
         return ids, ids != self.tokenizer.pad_id
 
     def make_batch(self, indices: list[int]) -> ContrastiveBatch | None:
-        pixels, texts, negatives, kept = [], [], [], []
+        pixels, texts, negatives, kept, gray = [], [], [], [], []
         # One caption per image, drawn from torch's RNG so a resumed run draws the same.
         choices = torch.randint(0, 1 << 30, (len(indices),)).tolist()
-        for i, choice in zip(indices, choices, strict=True):
+        gray_draws = torch.rand(len(indices)).tolist() if self.grayscale is not None else [1.0] * len(indices)
+        for i, choice, draw in zip(indices, choices, gray_draws, strict=True):
             pair = self.pairs[i]
             px = self.images.get(pair.image)
             if px is None:
                 continue
+            text = pair.captions[choice % len(pair.captions)]
+            is_gray = self.grayscale is not None and draw < self.grayscale.probability
+            if is_gray:
+                assert self.grayscale is not None
+                px, text = to_grayscale(px), self.grayscale.words.drop(text, self.grayscale.groups)
             pixels.append(px)
             kept.append(pair.image)
-            texts.append(pair.captions[choice % len(pair.captions)])
+            gray.append(is_gray)
+            texts.append(text)
             if self.hard_negatives is not None:
                 negatives.append(self.hard_negatives.swap(texts[-1], random.Random(choice)))
         if len(pixels) < 2:
@@ -154,7 +197,7 @@ class ContrastiveTask:
         ids, mask = self.encode_texts(rows=rows)
         batch = ContrastiveBatch(self.images.normalize(torch.stack(pixels)), ids, mask)
         if self.regions is not None:
-            self._add_regions(batch, kept)
+            self._add_regions(batch, kept, gray)
         if self.hard_negatives is None:
             return batch
         # A swap past the truncation point would leave the positive itself as a "negative".
@@ -165,14 +208,18 @@ class ContrastiveTask:
             batch.negative_ids, batch.negative_mask = self.encode_texts(rows=negative_rows)
         return batch
 
-    def _add_regions(self, batch: ContrastiveBatch, images: Sequence[Path]) -> None:
+    def _add_regions(self, batch: ContrastiveBatch, images: Sequence[Path], gray: Sequence[bool]) -> None:
         assert self.regions is not None
         boxes, owners, phrases, categories = [], [], [], []
-        for k, image in enumerate(images):
+        for k, (image, is_gray) in enumerate(zip(images, gray, strict=True)):
             for region in self.regions.get(image, ()):
                 boxes.append(region.box)
                 owners.append(k)
-                phrases.append(region.phrase)
+                if is_gray:
+                    assert self.grayscale is not None
+                    phrases.append(self.grayscale.words.drop(region.phrase, self.grayscale.groups))
+                else:
+                    phrases.append(region.phrase)
                 categories.append(region.category)
         if not boxes:
             return
@@ -182,13 +229,18 @@ class ContrastiveTask:
         batch.region_image_index = torch.tensor(owners)
         batch.phrase_ids, batch.phrase_mask = self.encode_texts(distinct)
         batch.region_targets = torch.tensor([distinct.index(p) for p in phrases])
+        labels: dict[str, list[str]] = {}
         if self.objectives is not None and "region_category" in self.objectives:
             if not all(categories):
                 raise ValueError("the region_category objective needs each region's category "
                                  "(RegionPhrase.category, filled by read_coco_regions)")
-            kinds = sorted(set(categories))
-            batch.category_ids, batch.category_mask = self.encode_texts([region_phrase(c) for c in kinds])
-            batch.category_targets = torch.tensor([kinds.index(c) for c in categories])
+            labels["region_category"] = [region_phrase(c) for c in categories]
+        if self.objectives is not None and "region_position" in self.objectives:
+            labels["region_position"] = [position_phrase(box) for box in boxes]
+        for objective, per_box in labels.items():
+            kinds = sorted(set(per_box))
+            ids, mask = self.encode_texts(kinds)
+            batch.patch_labels[objective] = PatchLabels(ids, mask, torch.tensor([kinds.index(k) for k in per_box]))
 
     def objective(self, model: nn.Module) -> tuple[str, float]:
         """(loss name, weight) this task trains `model` with."""
@@ -206,7 +258,7 @@ class ContrastiveTask:
             if not isinstance(model, DualEncoder):
                 raise TypeError(f"the region objectives need a CLIP-style DualEncoder, not {type(model).__name__}")
             assert self.objectives is not None and batch.region_targets is not None
-            per_patch = bool({"region_patches", "region_category"} & set(self.objectives))
+            per_patch = bool({"region_patches", *PATCH_LABEL_OBJECTIVES} & set(self.objectives))
             enc = model.encode_image_and_regions(batch.pixels, batch.region_image_index, batch.region_boxes,
                                                  per_patch=per_patch)
             img = enc.images
@@ -217,10 +269,10 @@ class ContrastiveTask:
                 if "region_patches" in self.objectives:
                     region_losses["region_patches"] = region_phrase_loss(
                         enc.patches, phrases, batch.region_targets[enc.patch_box], model.logit_scale)
-                if batch.category_targets is not None:
-                    kinds = model.encode_text(batch.category_ids, batch.category_mask)
-                    region_losses["region_category"] = region_phrase_loss(
-                        enc.patches, kinds, batch.category_targets[enc.patch_box], model.logit_scale)
+                for objective, labels in batch.patch_labels.items():
+                    kinds = model.encode_text(labels.ids, labels.mask)
+                    region_losses[objective] = region_phrase_loss(
+                        enc.patches, kinds, labels.targets[enc.patch_box], model.logit_scale)
         else:
             img = model.encode_image(batch.pixels)
         txt = model.encode_text(batch.ids, batch.mask)
