@@ -282,34 +282,10 @@ def test_captions_and_llava_files(dataset: tuple[Path, dict[str, Any]]) -> None:
             assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
             assert sum(t["value"].count("<image>") for t in turns) == 1
         for chat in chats:
-            assert 2 <= len(chat["conversations"]) // 2 <= 5
+            assert 2 <= len(chat["conversations"]) // 2 <= 4
     sample = [a["caption"] for a in _load(root, "train", "captions")["annotations"]]
     assert any(c.startswith("there are ") for c in sample)
     assert any(" to the left of " in c or " above " in c for c in sample)
-
-
-def test_chat_relation_turns_answer_the_true_relation(dataset: tuple[Path, dict[str, Any]]) -> None:
-    root, meta = dataset
-    margin = tuple(meta["spatial_margin_px"])
-    answers: Counter[str] = Counter()
-    for split in SPLITS:
-        objects = _objects_by_image(root, split)
-        image_id = {im["file_name"]: im["id"] for im in _load(root, split, "captions")["images"]}
-        for chat in _load(root, split, "llava_instruct"):
-            turns = chat["conversations"]
-            for ask, reply in zip(turns[::2], turns[1::2], strict=True):
-                m = re.fullmatch(r"(?:<image>\n)?where is the (.+) compared to the (.+)\?", ask["value"])
-                if m is None:
-                    continue
-                scene = objects[image_id[chat["image"]]]
-                a, b = _the(scene, m.group(1)), _the(scene, m.group(2))
-                axis = "cx" if reply["value"] in ("left", "right") else "cy"
-                delta = a[axis] - b[axis]
-                assert abs(delta) >= margin[0 if axis == "cx" else 1], "ambiguous relation"
-                expected = {"cx": ("left", "right"), "cy": ("above", "below")}[axis][int(delta > 0)]
-                assert reply["value"] == expected, (ask["value"], reply["value"])
-                answers[reply["value"]] += 1
-    assert set(answers) == {"left", "right", "above", "below"}
 
 
 def test_aspect_ratio_sets_width_and_height(tmp_path: Path) -> None:

@@ -108,7 +108,7 @@ _SPATIAL_MARGIN_FRACTION = 0.125  # centres closer than this (of width/height) a
 _ANNOTATORS = 10  # VQA v2 keeps ten answers per question
 _MIN_QUESTIONS, _MAX_QUESTIONS = 3, 5
 _EXTRA_QUESTION_TRIES = 20
-_MAX_CHAT_QUESTIONS = 3  # plus the describe turn and, when two objects are apart, a relation turn: 2 to 5 turns
+_MAX_CHAT_QUESTIONS = 3  # plus the describe turn: 2 to 4 turns
 
 _T = TypeVar("_T")
 
@@ -382,7 +382,6 @@ def _true_relation(a: ShapeObject, b: ShapeObject, axis: str) -> str:
     return "above" if a.center[1] < b.center[1] else "below"
 
 
-_RELATION_WORD = {"to the left of": "left", "to the right of": "right", "above": "above", "below": "below"}
 _OPPOSITE = {
     "to the left of": "to the right of",
     "to the right of": "to the left of",
@@ -539,27 +538,12 @@ def _questions(rng: random.Random, scene: _Scene) -> list[_Question]:
     return questions
 
 
-def _relation_turn(rng: random.Random, scene: _Scene) -> tuple[str, str] | None:
-    """"where is the red circle compared to the cross?" → "left": the relation as the answer.
-    The yes/no spatial questions are an XOR of the asked relation and the true one, so neither
-    alone says anything about the answer and a model gets no gradient toward reading positions;
-    these turns give that signal directly."""
-    pair = _spatial_pair(rng, scene)
-    if pair is None:
-        return None
-    ref_a, ref_b, relation = pair
-    return f"where is the {ref_a} compared to the {ref_b}?", _RELATION_WORD[relation]
-
-
 def _chat(
-    rng: random.Random, questions: Sequence[_Question], captions: Sequence[str], scene: _Scene
+    rng: random.Random, questions: Sequence[_Question], captions: Sequence[str]
 ) -> list[tuple[str, str]]:
     asked = rng.sample(list(questions), min(len(questions), rng.randint(1, _MAX_CHAT_QUESTIONS)))
     turns = [(q.question, q.answer) for q in asked]
     turns.insert(rng.randint(0, len(turns)), (rng.choice(DESCRIBE_REQUESTS), rng.choice(captions)))
-    relation = _relation_turn(rng, scene)
-    if relation is not None:
-        turns.insert(rng.randint(0, len(turns)), relation)
     return turns
 
 
@@ -589,7 +573,7 @@ def _make_sample(config: ShapesConfig, geometry: _Geometry, split: str, index: i
     scene = _scene(objects, config, geometry, is_comp)
     captions = _captions(rng, objects, geometry)
     questions = _questions(rng, scene)
-    chat = _chat(rng, questions, captions, scene)
+    chat = _chat(rng, questions, captions)
     prompts = tuple(rng.choice(PRETRAIN_INSTRUCTIONS) for _ in captions)
     return _Sample(
         image=_draw(objects, geometry),
