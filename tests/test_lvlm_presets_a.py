@@ -10,10 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from tessera.data.boxes import parse_box
 from tessera.data.datasets import ConversationDataset, ImageCache
 from tessera.data.images import ImageTransform
 from tessera.data.readers import read_llava, shapes_split_paths
 from tessera.data.records import SkipStats, Turn
+from tessera.data.shapes import ShapesConfig, generate_shapes
+from tessera.data.shapes_reading import generate_reading_tasks
 from tessera.data.templates import (
     IGNORE_INDEX,
     TemplateError,
@@ -24,7 +27,7 @@ from tessera.data.templates import (
 )
 from tessera.models.lvlm import LVLM, LVLMConfig
 from tessera.nn.lora import lora_modules
-from tessera.pipeline import PipelineResult, build_lvlm, stage_template, train_lvlm
+from tessera.pipeline import PipelineResult, build_lvlm, read_stage_conversations, stage_template, train_lvlm
 from tessera.presets import internvl, minigpt_v2, qwen_vl
 from tessera.presets.base import PRETRAIN_STAGES, LVLMPreset
 from tessera.presets.llava import get_preset
@@ -137,6 +140,31 @@ def test_visual_tokens_and_trainable_parameters_per_stage(tokenizer: Tokenizer) 
         if name == "minigpt-v2":
             assert counts == [conn] * 3  # plus LoRA, which the trainer adds (tiny run test)
             assert all(s.lora == minigpt_v2.LORA for s in preset.stages)
+
+
+@pytest.fixture(scope="module")
+def reading_shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("qwen_reading_shapes")
+    generate_shapes(ShapesConfig(seed=3, num_train=20, num_val=2, num_test=4, num_test_comp=4), root, progress=False)
+    generate_reading_tasks(root, progress=False)
+    return root
+
+
+def test_qwen_vl_trains_on_grounding_up_to_the_stage_the_zoo_scores(reading_shapes: Path) -> None:
+    # The zoo scores grounding (rec_qwen) on the weights of the LAST stage. With instructions
+    # alone in "sft", the model forgot the box format learnt in "multitask" and answered with
+    # collapsed boxes such as <box>(343,434),(343,434)</box>: grounding_mean_iou 0.000.
+    preset = qwen_vl.tiny()
+    paths = shapes_split_paths(reading_shapes, "train")
+    first_with_boxes = None
+    for index, stage in enumerate(preset.stages):
+        convs = read_stage_conversations(paths, stage.data, reading_shapes, SkipStats())
+        with_boxes = [c for c in convs if parse_box(c.turns[-1].text, "qwen") is not None]
+        if first_with_boxes is None and with_boxes:
+            first_with_boxes = index
+        if first_with_boxes is not None:
+            assert with_boxes, f"stage {stage.name!r} drops the grounding data of stage {preset.stages[first_with_boxes].name!r}"
+    assert first_with_boxes == 1  # the multi-task stage, as in Qwen-VL
 
 
 def test_paper_dimensions_give_the_published_token_counts() -> None:

@@ -5,7 +5,11 @@
 Three stages as in the paper:
     1 "pretrain"   image-caption pairs; ViT + adapter train, LLM frozen
     2 "multitask"  multi-task data, sequences packed; everything trains
-    3 "sft"        instruction tuning (multi-turn); ViT frozen, adapter + LLM train
+    3 "sft"        instruction tuning (multi-turn); ViT frozen, adapter + LLM train. Qwen-VL-Chat's
+                   SFT data mixes localisation dialogues into the instructions; the tiny recipe
+                   keeps its grounding file (rec_qwen) in this stage too, because the zoo scores
+                   grounding on this stage's weights: trained on instructions alone, the model
+                   forgets the box format it learnt in stage 2 (degenerate boxes, mean IoU 0).
 `tiny` shares its ViT, LLM and their pretraining with the other tiny LVLM presets; 16 queries
 (4×4) read the 8×8 patch grid of a 64 px image, 4× fewer tokens than LLaVA's 64. The paper
 raises the resolution from 224 to 448 px in stage 2; the tiny recipe keeps 64 px throughout
@@ -40,7 +44,7 @@ def tiny() -> LVLMPreset:
             # Qwen-VL's multi-task stage includes grounding: "<ref>…</ref><box>(x1,y1),(x2,y2)</box>".
             StageConfig(name="multitask", trainable=["*"], data="llava_instruct+rec_qwen?", group_by_image=True,
                         packing=True, steps=150, batch_size=16, lr=1e-3, warmup_steps=10, lr_scale={"vision_tower": 0.1}),
-            StageConfig(name="sft", trainable=["connector", "language_model"], data="llava_instruct",
+            StageConfig(name="sft", trainable=["connector", "language_model"], data="llava_instruct+rec_qwen?",
                         group_by_image=True, steps=100, batch_size=16, lr=5e-4, warmup_steps=10),
         ],
     )
