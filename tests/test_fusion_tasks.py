@@ -375,6 +375,27 @@ def test_reasoning_head_reads_both_images(tokenizer: Tokenizer) -> None:
     assert torch.allclose(logits[0], model.head(pair)[0], atol=1e-5)
 
 
+def test_pair_head_fuses_a_repeated_image_text_row_once(tokenizer: Tokenizer) -> None:
+    """A contrast pair keeps the sentence and usually one image: that (image, text) row is fused
+    once, and the logits are those of fusing every row."""
+    model = FusionClassifier(ToyFusion(tokenizer.vocab_size), num_classes=2, images_per_example=2).eval()
+    ids, mask = encode_captions(tokenizer, ["both images have a circle."] * 2, 16)
+    a, b, c = (torch.randn(3, IMAGE_SIZE, IMAGE_SIZE) for _ in range(3))
+    rows: list[int] = []
+    fused_features = model.backbone.fused_features
+
+    def counting(images: list[Tensor], input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        rows.append(len(images))
+        return fused_features(images, input_ids, attention_mask)
+
+    model.backbone.fused_features = counting  # type: ignore[method-assign]
+    logits = model([[a, a], [b, c.clone()]], ids, mask)
+    assert rows == [3]  # (a, text) twice, (b, text), (c, text)
+    each = [fused_features([img], ids[:1], mask[:1]) for img in (a, a, b, c)]
+    expected = model.head(torch.cat([torch.cat(each[:2]), torch.cat(each[2:])], -1))
+    assert torch.allclose(logits, expected, atol=1e-5)
+
+
 def _example(name: str, text: str, target: int) -> ClassificationExample:
     return ClassificationExample(name, (Path(f"{name}.png"),), text, target)
 

@@ -78,7 +78,8 @@ class FusionClassifier(nn.Module):
         )
 
     def forward(self, images: Sequence[Sequence[Tensor]], input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """images[k][b]: image k of example b → logits (B, C). The K passes run as one batch."""
+        """images[k][b]: image k of example b → logits (B, C). The K passes run as one batch, in
+        which a row (image, text) equal to an earlier one is fused once."""
         if len(images) != self.images_per_example:
             raise ValueError(f"expected {self.images_per_example} images per example, got {len(images)} slots")
         batch = input_ids.shape[0]
@@ -86,9 +87,31 @@ class FusionClassifier(nn.Module):
             raise ValueError(f"each image slot needs {batch} images, got {[len(s) for s in images]}")
         k = self.images_per_example
         flat = [img for slot in images for img in slot]
-        fused = self.backbone.fused_features(flat, input_ids.repeat(k, 1), attention_mask.repeat(k, 1))  # (K·B, D)
-        features = torch.cat(fused.split(batch), dim=-1)  # (B, K·D)
+        ids, mask = input_ids.repeat(k, 1), attention_mask.repeat(k, 1)
+        unique, inverse = _unique_rows(flat, ids, mask)
+        fused = self.backbone.fused_features([flat[i] for i in unique], ids[unique], mask[unique])
+        features = torch.cat(fused[inverse].split(batch), dim=-1)  # (B, K·D)
         return self.head(features)
+
+
+def _unique_rows(images: Sequence[Tensor], input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows (image i, text i) that repeat an earlier row exactly are fused once (a contrast pair
+    of reasoning usually keeps one image and always the sentence): (first row of each distinct
+    row (U,), index of each row's distinct row (N,)). Images of different sizes never match."""
+    first: dict[tuple[tuple[int, ...], bytes, bytes, bytes], int] = {}
+    unique: list[int] = []
+    inverse: list[int] = []
+    mask = attention_mask.bool()
+    ids, mask = input_ids.masked_fill(~mask, 0).cpu(), mask.cpu()
+    for row, img in enumerate(images):
+        key = (tuple(img.shape), img.detach().float().cpu().numpy().tobytes(), ids[row].numpy().tobytes(),
+               mask[row].numpy().tobytes())
+        if key not in first:
+            first[key] = len(unique)
+            unique.append(row)
+        inverse.append(first[key])
+    device = input_ids.device
+    return torch.tensor(unique, device=device), torch.tensor(inverse, device=device)
 
 
 @dataclass(frozen=True)
