@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -20,13 +21,19 @@ from tessera.data.images import ImageTransform
 from tessera.data.records import Caption, SkipStats
 from tessera.data.shapes import ShapesConfig, generate_shapes
 from tessera.data.shapes_tasks import classic_task_paths, generate_classic_tasks
-from tessera.data.task_readers import read_retrieval_gallery
+from tessera.data.task_readers import read_reasoning, read_retrieval_gallery
 from tessera.eval.fusion_eval import evaluate_fusion_model, evaluate_retrieval, gallery_subset
 from tessera.objectives.contrastive import clip_loss
 from tessera.objectives.itm import ITMHead, itm_loss, itm_pair_indices, sample_hard_negatives
 from tessera.text.bert import BertConfig, BertModel
 from tessera.text.tokenizer import SPECIAL_TOKENS, Tokenizer, train_bpe
-from tessera.train.downstream import ClassificationExample, ClassificationTask, FusionClassifier
+from tessera.train.downstream import (
+    ClassificationExample,
+    ClassificationTask,
+    FusionClassifier,
+    contrast_groups,
+    reasoning_examples,
+)
 from tessera.train.fusion_tasks import (
     FUSION_SPECIAL_TOKENS,
     ImageTextBatch,
@@ -366,6 +373,87 @@ def test_reasoning_head_reads_both_images(tokenizer: Tokenizer) -> None:
     single = model.backbone.fused_features(list(a[:1]), ids[:1], mask[:1])
     pair = torch.cat([single, model.backbone.fused_features(list(b[:1]), ids[:1], mask[:1])], -1)
     assert torch.allclose(logits[0], model.head(pair)[0], atol=1e-5)
+
+
+def test_pair_head_fuses_a_repeated_image_text_row_once(tokenizer: Tokenizer) -> None:
+    """A contrast pair keeps the sentence and usually one image: that (image, text) row is fused
+    once, and the logits are those of fusing every row."""
+    model = FusionClassifier(ToyFusion(tokenizer.vocab_size), num_classes=2, images_per_example=2).eval()
+    ids, mask = encode_captions(tokenizer, ["both images have a circle."] * 2, 16)
+    a, b, c = (torch.randn(3, IMAGE_SIZE, IMAGE_SIZE) for _ in range(3))
+    rows: list[int] = []
+    fused_features = model.backbone.fused_features
+
+    def counting(images: list[Tensor], input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        rows.append(len(images))
+        return fused_features(images, input_ids, attention_mask)
+
+    model.backbone.fused_features = counting  # type: ignore[method-assign]
+    logits = model([[a, a], [b, c.clone()]], ids, mask)
+    assert rows == [3]  # (a, text) twice, (b, text), (c, text)
+    each = [fused_features([img], ids[:1], mask[:1]) for img in (a, a, b, c)]
+    expected = model.head(torch.cat([torch.cat(each[:2]), torch.cat(each[2:])], -1))
+    assert torch.allclose(logits, expected, atol=1e-5)
+
+
+def _example(name: str, text: str, target: int) -> ClassificationExample:
+    return ClassificationExample(name, (Path(f"{name}.png"),), text, target)
+
+
+def test_contrast_groups_pair_each_sentence_with_its_other_label() -> None:
+    examples = [_example("a", "x", 0), _example("b", "x", 0), _example("c", "y", 1), _example("d", "x", 1),
+                _example("e", "x", 1), _example("f", "y", 0), _example("g", "z", 1), _example("h", "x", 0)]
+    # x: a(0) b(0) d(1) e(1) h(0) -> (a, d), (b, e), h alone; y: (c, f); z: g alone.
+    assert contrast_groups(examples) == [(0, 3), (1, 4), (2, 5), (6,), (7,)]
+    with pytest.raises(ValueError, match="class-index targets"):
+        contrast_groups([ClassificationExample("v", (), "q", ((0, 1.0),))])
+
+
+def test_reasoning_trains_on_contrast_pairs_of_the_generated_file(shapes: Path, tokenizer: Tokenizer,
+                                                                   transform: ImageTransform) -> None:
+    """ShapesWorld writes every reasoning sentence once true and once false; contrast_groups
+    gives those pairs back, and a grouped task batches both members of each pair together."""
+    items = read_reasoning(classic_task_paths(shapes, "train")["reasoning"], shapes)[0]
+    examples = reasoning_examples(items)
+    groups = contrast_groups(examples)
+    assert len(groups) == len(examples) // 2 and all(len(g) == 2 for g in groups)
+    for a, b in groups:
+        assert examples[a].text == examples[b].text and examples[a].target != examples[b].target
+        assert examples[a].id.rsplit("_", 1)[0] == examples[b].id.rsplit("_", 1)[0]  # the generator's pair
+    task = ClassificationTask(examples, tokenizer, ImageCache(transform, SkipStats()), 32, 2, groups=groups)
+    assert task.num_examples == len(groups)
+    batch = task.make_batch([0, 3])
+    assert batch is not None and batch.examples == [*groups[0], *groups[3]]
+    assert sorted(batch.targets.tolist()) == [0, 0, 1, 1]
+    assert len(task.predict(FusionClassifier(ToyFusion(tokenizer.vocab_size), 2, 2), batch_size=7)) == len(examples)
+    with pytest.raises(ValueError, match="exactly one"):
+        ClassificationTask(examples, tokenizer, ImageCache(transform, SkipStats()), 32, 2, groups=groups[1:])
+
+
+def test_zoo_reasoning_batches_hold_every_sentence_with_both_labels(shapes: Path, tokenizer: Tokenizer,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression (issue 3): reasoning_accuracy was exactly 0.500 for every fusion preset. A
+    reasoning sentence carries no label information (each is true of one pair, false of
+    another); on randomly drawn batches the training loss stayed at ln 2 and the head settled on
+    a constant. The zoo's fine-tuning must train on contrast pairs: in every batch each sentence
+    comes with as many true as false examples."""
+    seen: list[list[tuple[str, int]]] = []
+    loss = ClassificationTask.loss
+
+    def recording_loss(self: ClassificationTask, model: nn.Module, batch: Any) -> Any:
+        seen.append([(self.examples[i].text, int(t)) for i, t in zip(batch.examples, batch.targets, strict=True)])
+        return loss(self, model, batch)
+
+    monkeypatch.setattr(ClassificationTask, "loss", recording_loss)
+    stage = StageConfig(name="finetune_reasoning", trainable=["head"], objectives={"ce": 1.0}, steps=6,
+                        batch_size=4, lr=1e-3, max_length=32)
+    evaluate_fusion_model(ToyFusion(tokenizer.vocab_size), tokenizer, shapes, tasks=["reasoning"],
+                          stages={"reasoning": stage}, transform=ImageTransform(size=(IMAGE_SIZE, IMAGE_SIZE)))
+    assert len(seen) == 6 and all(len(rows) == 8 for rows in seen)  # batch_size counts pairs
+    for rows in seen:
+        for text in {t for t, _ in rows}:
+            labels = [label for t, label in rows if t == text]
+            assert labels.count(0) == labels.count(1)
 
 
 def test_classification_task_skips_and_predicts(shapes: Path, tokenizer: Tokenizer, transform: ImageTransform,

@@ -17,7 +17,9 @@ vqa         FusionClassifier (MLP on fused_features) over the train split's answ
             (vqa_answers.json), soft-score BCE; predicted answer = argmax; official VQA
             accuracy (eval.vqa_metrics.score_vqa). Baseline: the per-question-type prior.
 reasoning   Pairs of images: fused states of (left, sentence) and (right, sentence)
-            concatenated → MLP → {true, false}. Baseline: majority label of train.
+            concatenated → MLP → {true, false}. Trained on contrast pairs
+            (train.downstream.contrast_groups: each batch holds every sentence with both
+            labels; the stage's batch_size counts pairs). Baseline: majority label of train.
 entailment  3-way head (entailment / neutral / contradiction). Baseline: majority of train.
 
 Each fine-tuning task starts from a deep copy of the given model (the caller's model is not
@@ -65,6 +67,7 @@ from tessera.train.downstream import (
     ClassificationExample,
     ClassificationTask,
     FusionClassifier,
+    contrast_groups,
     entailment_examples,
     reasoning_examples,
     vqa_examples,
@@ -91,7 +94,7 @@ def _stage(name: str, steps: int, batch_size: int) -> StageConfig:
 # Tiny CPU recipes; a preset passes its own (`stages=`) when its model needs other settings.
 DEFAULT_FINETUNE_STAGES: dict[str, StageConfig] = {
     "vqa": _stage("finetune_vqa", 400, 32),
-    "reasoning": _stage("finetune_reasoning", 400, 16),
+    "reasoning": _stage("finetune_reasoning", 400, 16),  # 16 contrast pairs = 32 examples
     "entailment": _stage("finetune_entailment", 400, 32),
 }
 
@@ -391,8 +394,11 @@ def evaluate_fusion_model(
         train_items, read_skips = reader(classic_task_paths(data_dir, "train")[name], data_dir)
         skips.merge(read_skips)
         stage_length = chosen[name].max_length
-        classifier = fit(name, ClassificationTask(to_examples(train_items), tokenizer, images, stage_length,
-                                                  len(labels)))
+        examples = to_examples(train_items)
+        # Reasoning's sentences say nothing about the label on their own: train on contrast pairs.
+        groups = contrast_groups(examples) if name == "reasoning" else None
+        classifier = fit(name, ClassificationTask(examples, tokenizer, images, stage_length, len(labels),
+                                                  groups=groups))
         for split, label in splits.items():
             items, read_skips = reader(classic_task_paths(data_dir, split)[name], data_dir)
             skips.merge(read_skips)
