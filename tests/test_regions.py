@@ -17,12 +17,12 @@ from tessera.data.readers import (
     region_phrase,
     shapes_split_paths,
 )
-from tessera.data.records import SkipStats
+from tessera.data.records import Caption, RegionPhrase, SkipStats
 from tessera.data.shapes import COLORS, ShapesConfig, generate_shapes
 from tessera.models.dual_encoder import DualEncoder, DualEncoderConfig
 from tessera.objectives.contrastive import clip_loss, region_phrase_loss
 from tessera.text.clip_text import CLIPTextConfig
-from tessera.text.tokenizer import train_bpe
+from tessera.text.tokenizer import Tokenizer, train_bpe
 from tessera.text.word_swaps import WordSwapper
 from tessera.train.tasks import ContrastiveTask, GrayscaleViews, to_grayscale
 from tessera.vision.vit import ViTConfig, box_pool, patches_in_boxes
@@ -94,12 +94,17 @@ def test_patches_in_boxes_keeps_patches_whose_centre_only_one_box_holds() -> Non
         (0, 0), (1, 2), (1, 5), (1, 6), (2, 16 + 15)]
 
 
-def test_contrastive_task_adds_the_region_loss(shapes: Path) -> None:
+def _region_data(shapes: Path) -> tuple[list[Caption], dict[Path, list[RegionPhrase]], Tokenizer, ImageCache]:
+    """ShapesWorld's train captions and region phrases, a BPE over both, a 32-px image cache."""
     paths = shapes_split_paths(shapes, "train")
     captions, _ = read_coco_captions(paths["captions"], shapes)
     regions, _ = read_coco_regions(paths["objects"], shapes)
     tok = train_bpe([c.caption for c in captions] + [r.phrase for rs in regions.values() for r in rs], vocab_size=300)
-    images = ImageCache(ImageTransform(size=(32, 32)), SkipStats())
+    return captions, regions, tok, ImageCache(ImageTransform(size=(32, 32)), SkipStats())
+
+
+def test_contrastive_task_adds_the_region_loss(shapes: Path) -> None:
+    captions, regions, tok, images = _region_data(shapes)
     task = ContrastiveTask(group_captions(captions), tok, images, 48, {"itc": 1.0, "region": 0.5}, regions=regions)
     batch = task.make_batch(list(range(4)))
     assert batch is not None and batch.region_boxes is not None
@@ -185,11 +190,7 @@ def test_position_phrase_names_the_grid_cell_of_the_box_centre() -> None:
 
 
 def test_grayscale_views_drop_colour_from_pixels_and_every_text(shapes: Path) -> None:
-    paths = shapes_split_paths(shapes, "train")
-    captions, _ = read_coco_captions(paths["captions"], shapes)
-    regions, _ = read_coco_regions(paths["objects"], shapes)
-    tok = train_bpe([c.caption for c in captions] + [r.phrase for rs in regions.values() for r in rs], vocab_size=300)
-    images = ImageCache(ImageTransform(size=(32, 32)), SkipStats())
+    captions, regions, tok, images = _region_data(shapes)
     words = WordSwapper.for_shapesworld()
     objectives = {"itc": 1.0, "region": 1.0}
     colours = set(COLORS)
