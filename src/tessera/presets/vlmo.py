@@ -68,7 +68,8 @@ class VLMoPreset(Config):
 
 def tiny() -> VLMoPreset:
     model = VLMoConfig(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512, vl_expert_layers=2,
-                       image_size=64, patch_size=16, max_position_embeddings=40, projection_dim=128)
+                       image_size=64, patch_size=16, max_position_embeddings=40, projection_dim=128,
+                       mim_loss_on="all")
     return VLMoPreset(
         name="vlmo-tiny",
         model=model,
@@ -93,7 +94,7 @@ def paper() -> VLMoPreset:
     model = VLMoConfig(vocab_size=30522, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
                        vl_expert_layers=2, image_size=224, patch_size=16, max_position_embeddings=40,
                        projection_dim=768, mask_token_id=103, special_token_ids=(0, 100, 101, 102, 103),
-                       logit_scale_init=math.log(1 / 0.07))
+                       logit_scale_init=math.log(1 / 0.07), linear_init="normal")
     return VLMoPreset(
         name="vlmo-base",
         model=model,
