@@ -327,7 +327,7 @@ def test_a_tiny_run_learns(tiny_shapes: Path, tokenizer: Tokenizer, tmp_path: Pa
                                _transform(), tmp_path / "run")
     first, last = result.history[0], result.history[-1]
     # Captioning learns first; ITC's [CLS] needs longer to leave its uniform start (ln 16).
-    assert last["lm"] < 0.75 * first["lm"], (first, last)
+    assert last["lm"] < 0.8 * first["lm"], (first, last)
     assert last["itm"] < 0.7 and last["itc"] <= first["itc"] + 1e-3, (first, last)
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
     text = model.caption([torch.zeros(3, 32, 32)], 20)[0]
