@@ -213,6 +213,31 @@ def test_itm_scores_positives_and_hard_negatives_of_other_images() -> None:
         model.pretrain_losses(_batch(), {"mlm": 1.0}, 0)
 
 
+def test_identical_captions_of_different_images_are_matches_not_negatives() -> None:
+    # ShapesWorld's captions repeat across images (46% of the zoo's training captions have a
+    # twin under another image). BLIP used to treat such a twin as an ITC negative and, worse,
+    # as the hardest ITM negative (its ITC similarity equals the positive's): a true match
+    # labelled 0. ALBEF, ViLT and VLMo already exclude it.
+    torch.manual_seed(0)
+    model = BLIP(_config())
+    ids, mask = _texts(4)
+    ids[1] = ids[0]  # rows 0 and 1: two images, one caption text
+    batch = ImageTextBatch(list(torch.randn(4, 3, 16, 16)), ids, mask, torch.tensor([0, 1, 2, 3]))
+    loss = model.pretrain_losses(batch, {"itc": 1.0}, 0)["itc"]
+    img = model.image_embeddings(batch.images)
+    txt = model.text_embeddings(batch.input_ids, batch.attention_mask)
+    sim = img @ txt.t() / 0.07
+    targets = torch.tensor([[0.5, 0.5, 0, 0], [0.5, 0.5, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])
+    expected = 0.5 * (-(F.log_softmax(sim, 1) * targets).sum(1).mean() - (F.log_softmax(sim.t(), 1) * targets).sum(1).mean())
+    torch.testing.assert_close(loss, expected)
+    # ITM: two rows with one caption have no negative left, so only the two positives are scored.
+    twins = ImageTextBatch(list(torch.randn(2, 3, 16, 16)), ids[:2], mask[:2], torch.tensor([0, 1]))
+    scored: list[torch.Tensor] = []
+    model.itm_head.register_forward_hook(lambda m, args, out: scored.append(args[0]))
+    model.pretrain_losses(twins, {"itm": 1.0}, 0)
+    assert [t.shape[0] for t in scored] == [2]
+
+
 def test_after_step_clamps_temperature_and_moves_momentum_encoders() -> None:
     model = BLIP(_config(momentum=MomentumConfig(queue_size=6, momentum=0.5, alpha=0.4, alpha_ramp_steps=2)))
     # The momentum encoders start as exact copies, never train, and follow by EMA.
@@ -277,6 +302,23 @@ def _transform() -> ImageTransform:
     return ImageTransform(size=(32, 32))
 
 
+def test_the_tiny_preset_starts_with_an_enc_state_that_reads_image_and_text(tokenizer: Tokenizer) -> None:
+    # Issue 3: with BERT's N(0, 0.02) linear weights the [ENC] state ITM reads hardly moved with
+    # the image or the caption (relative spread ~0.005, see test_vilt.fused_spread): ITM sat at its
+    # 1:2 label prior, so CapFilt's filter rejected 92% of the clean captions, and ITC learned
+    # slowly (zoo retrieval at chance). PyTorch's default init (ALBEF's) gives ~0.04.
+    from test_vilt import fused_spread
+
+    from tessera.presets.blip import tiny
+
+    torch.manual_seed(0)
+    fresh = BLIP(tiny().blip_config(tokenizer)).eval()
+    torch.manual_seed(0)
+    bert_init = BLIP(tiny().model_copy(update={"linear_init": "normal"}).blip_config(tokenizer)).eval()
+    spread, bert_spread = fused_spread(fresh, tokenizer), fused_spread(bert_init, tokenizer)
+    assert min(spread) > 0.02 and max(bert_spread) < 0.01, (spread, bert_spread)
+
+
 def test_a_tiny_run_learns(tiny_shapes: Path, tokenizer: Tokenizer, tmp_path: Path) -> None:
     preset = _tiny_preset(steps=60)
     tok_file = tokenizer.save(tmp_path / "tok")
@@ -285,7 +327,7 @@ def test_a_tiny_run_learns(tiny_shapes: Path, tokenizer: Tokenizer, tmp_path: Pa
                                _transform(), tmp_path / "run")
     first, last = result.history[0], result.history[-1]
     # Captioning learns first; ITC's [CLS] needs longer to leave its uniform start (ln 16).
-    assert last["lm"] < 0.75 * first["lm"], (first, last)
+    assert last["lm"] < 0.8 * first["lm"], (first, last)
     assert last["itm"] < 0.7 and last["itc"] <= first["itc"] + 1e-3, (first, last)
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
     text = model.caption([torch.zeros(3, 32, 32)], 20)[0]

@@ -245,6 +245,48 @@ def test_checkpoint_round_trip_keeps_weights_tie_and_word_table(tokenizer: Token
         assert torch.equal(back.itm_logits(image, ids, mask), model.itm_logits(image, ids, mask))
 
 
+# ------------------------------------------------------------------ initialisation
+
+
+def shapes_like_images(size: int = 64) -> list[Tensor]:
+    """ShapesWorld-like inputs, normalised: a light grey background and one coloured square per
+    picture, the colour and the place differing from picture to picture."""
+    out = []
+    for k, rgb in enumerate(COLORS.values()):
+        pixels = torch.full((3, size, size), 235.0)
+        pixels[:, 8:28, 4 + 4 * k : 24 + 4 * k] = torch.tensor(rgb, dtype=torch.float32)[:, None, None]
+        out.append((pixels / 255 - 0.45) / 0.27)
+    return out
+
+
+def fused_spread(model: torch.nn.Module, tokenizer: Tokenizer, size: int = 64) -> tuple[float, float]:
+    """How much a fresh model's fused [CLS] state (what ITM reads) varies across six images read
+    with one caption, and across six captions read with one image, each relative to the
+    state's overall scale."""
+    images = shapes_like_images(size)
+    ids, mask = encode_captions(tokenizer, [f"a {c} picture with a square." for c in COLORS], 40)
+    with torch.no_grad():
+        by_image = model.fused_features(images, ids[:1].expand(6, -1), mask[:1].expand(6, -1))
+        by_text = model.fused_features([images[0]] * 6, ids, mask)
+    return (float(by_image.std(0).mean() / by_image.std()), float(by_text.std(0).mean() / by_text.std()))
+
+
+def test_the_tiny_preset_starts_with_a_cls_state_that_reads_image_and_text(tokenizer: Tokenizer) -> None:
+    # Issue 3: with BERT's N(0, 0.02) linear weights at width 128 the attention and FFN outputs
+    # are so small that the [CLS] state hardly moved with the image or the caption (relative
+    # spread ~0.005); ITM then sat at its 1:2 label prior (loss 0.637) through the whole zoo
+    # pretraining and retrieval was at chance. PyTorch's default init (ALBEF's) gives ~0.04.
+    from tessera.presets.vilt import tiny
+
+    fields = {**tiny().model.to_dict(), **tokenizer_fields(tokenizer)}
+    torch.manual_seed(0)
+    fresh = ViLT(ViltConfig(**fields)).eval()
+    torch.manual_seed(0)
+    bert_init = ViLT(ViltConfig(**{**fields, "linear_init": "normal"})).eval()
+    spread, bert_spread = fused_spread(fresh, tokenizer), fused_spread(bert_init, tokenizer)
+    assert min(spread) > 0.02 and max(bert_spread) < 0.01, (spread, bert_spread)
+
+
 # ------------------------------------------------------------------ a tiny run learns
 
 

@@ -10,6 +10,9 @@ One ViT and ONE BERT-style text transformer (`text.bert.BertModel` with
                                 cross-attention to the image tokens; a linear ITM head on its
                                 [ENC] state says match / no match (ITM with hard negatives drawn
                                 from the ITC similarities, `objectives.itm`).
+                                Rows of a batch that show the same image OR carry the very
+                                same caption are matches: ITC spreads its target over them
+                                and ITM never draws them as negatives (as ALBEF, ViLT, VLMo).
     image-grounded decoder      first token <dec> ([DEC]), CAUSAL self-attention with its own
                                 weights (`decoder_attention`), the same cross-attention and
                                 feed-forward as the encoder; next-token loss with label
@@ -20,7 +23,7 @@ same Parameter objects (they live once, in `text_encoder`), so no tie has to be 
 Optionally (config `momentum`), ITC uses BLIP's momentum encoders (EMA copies of the ViT, the
 text encoder and both projections), a queue of their past features with image ids, and
 momentum distillation: targets α·softmax(momentum similarities) + (1 − α)·(same-image
-targets), α ramped up from 0.
+targets; in the batch, same-caption ones too), α ramped up from 0.
 
 Parameter names follow Hugging Face's BLIP (BlipForImageTextRetrieval / BlipForConditional-
 Generation) where they exist: vision_model.*, text_encoder.* (BlipTextModel; the decoder's
@@ -38,7 +41,7 @@ Shapes:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +50,7 @@ from torch import Tensor, nn
 
 from tessera.config import Config
 from tessera.data.templates import IGNORE_INDEX
+from tessera.models.vilt import same_pair_mask
 from tessera.nn.attention import attention
 from tessera.objectives.itm import ITMHead, itm_batch, itm_loss, sample_hard_negatives
 from tessera.objectives.lm import next_token_loss
@@ -105,6 +109,10 @@ class BLIPConfig(Config):
     temp_max: float = 0.5
     label_smoothing: float = 0.1
     momentum: MomentumConfig | None = None
+    # Linear layers: "pytorch" keeps PyTorch's U(±1/√fan_in) (ALBEF's init; what a tiny model
+    # trained from scratch needs: under N(0, 0.02) every [CLS] / [ENC] state is nearly the same
+    # vector, ITC learns slowly and ITM not at all); "normal" is BERT's / BLIP's N(0, 0.02).
+    linear_init: Literal["normal", "pytorch"] = "pytorch"
     # Token ids (from the tokenizer): texts come as "<s> caption </s>" + padding.
     pad_id: int
     bos_id: int
@@ -157,13 +165,15 @@ def soft_contrastive_loss(sim: Tensor, targets: Tensor) -> Tensor:
     return -(F.log_softmax(sim.float(), dim=1) * targets).sum(dim=1).mean()
 
 
-def _init_weights(module: nn.Module) -> None:
-    """BERT's / BLIP's initialisation: N(0, 0.02) linear and embedding weights, zero biases.
-    PyTorch's defaults (N(0, 1) embeddings) would give the tied LM head logits of size ~√E."""
+def _init_weights(module: nn.Module, linear_init: str = "normal") -> None:
+    """Embeddings N(0, 0.02) (PyTorch's N(0, 1) would give the tied LM head logits of size ~√E);
+    linear weights N(0, 0.02) with zero biases as BERT / BLIP (linear_init "normal"), or left as
+    PyTorch built them ("pytorch", see BLIPConfig.linear_init)."""
     if isinstance(module, nn.Linear):
-        nn.init.normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
+        if linear_init == "normal":
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Embedding):
         nn.init.normal_(module.weight, std=0.02)
 
@@ -180,7 +190,7 @@ class BLIP(nn.Module):
         # The decoder's LM head; its output matrix IS the shared word embedding.
         self.cls = MLMHead(cfg.text, self.text_encoder.embeddings.word_embeddings)
         self.temp = nn.Parameter(torch.tensor(cfg.temp_init))
-        self.apply(_init_weights)
+        self.apply(lambda m: _init_weights(m, cfg.linear_init))
         if cfg.momentum is not None:
             self.vision_model_m = momentum_copy(self.vision_model)
             self.vision_proj_m = momentum_copy(self.vision_proj)
@@ -308,15 +318,18 @@ class BLIP(nn.Module):
         if tokens.shape[0] != ids.shape[0]:
             raise ValueError(f"batch has {tokens.shape[0]} images for {ids.shape[0]} texts")
         losses: dict[str, Tensor] = {}
-        same_image = image_ids[:, None] == image_ids[None, :]  # (B, B)
+        # (B, B): rows i and j show the same image or carry the very same caption (ShapesWorld's
+        # captions repeat across images, as web alt-texts do). Such a pair is a match: ITC
+        # spreads its target over it and ITM never draws it as a negative.
+        same = same_pair_mask(image_ids, ids, mask)
         if "itc" in objectives or "itm" in objectives:
             image_feat = F.normalize(self.vision_proj(tokens[:, 0]), dim=-1)
             text_feat = F.normalize(self.text_proj(self.text_features(ids, mask)[:, 0]), dim=-1)
             sim_i2t = image_feat @ text_feat.t() / self.temp
             if "itc" in objectives:
-                losses["itc"] = self._itc_loss(batch.images, ids, mask, image_ids, image_feat, text_feat, step)
+                losses["itc"] = self._itc_loss(batch.images, ids, mask, image_ids, same, image_feat, text_feat, step)
             if "itm" in objectives:
-                negatives = sample_hard_negatives(sim_i2t, sim_i2t.t(), same_pair=same_image)
+                negatives = sample_hard_negatives(sim_i2t, sim_i2t.t(), same_pair=same)
                 pairs = itm_batch(tokens, ids, mask, negatives, image_mask)
                 fused = self.grounded_encoder(pairs.text, pairs.text_mask, pairs.image_embeds, pairs.image_mask)
                 losses["itm"] = itm_loss(self.itm_head(fused[:, 0]), pairs.labels)
@@ -326,13 +339,13 @@ class BLIP(nn.Module):
                                            label_smoothing=self.cfg.label_smoothing)
         return losses
 
-    def _itc_loss(self, images: Any, ids: Tensor, mask: Tensor, image_ids: Tensor, image_feat: Tensor,
-                  text_feat: Tensor, step: int) -> Tensor:
-        """In-batch ITC with targets spread over every pair of the same image; with momentum,
-        BLIP's version against the momentum features of the batch and the queue."""
+    def _itc_loss(self, images: Any, ids: Tensor, mask: Tensor, image_ids: Tensor, same: Tensor,
+                  image_feat: Tensor, text_feat: Tensor, step: int) -> Tensor:
+        """In-batch ITC with targets spread over every pair of the same image or the same caption
+        (`same`, (B, B) bool); with momentum, BLIP's version against the momentum features of the
+        batch and the queue (queued candidates are positives by image id)."""
         if self.cfg.momentum is None:
-            same = (image_ids[:, None] == image_ids[None, :]).float()
-            targets = same / same.sum(dim=1, keepdim=True)
+            targets = same.float() / same.float().sum(dim=1, keepdim=True)
             sim_i2t = image_feat @ text_feat.t() / self.temp
             return 0.5 * (soft_contrastive_loss(sim_i2t, targets) + soft_contrastive_loss(sim_i2t.t(), targets.t()))
         m = self.cfg.momentum
@@ -344,7 +357,9 @@ class BLIP(nn.Module):
             image_all = torch.cat([image_feat_m, self.queue.get("image").to(image_feat_m.dtype)])  # (B+K', P)
             text_all = torch.cat([text_feat_m, self.queue.get("text").to(text_feat_m.dtype)])
             idx_all = torch.cat([image_ids, self.queue.get("idx")])
-            positives = (image_ids[:, None] == idx_all[None, :]).float()  # (B, B+K')
+            positives = image_ids[:, None] == idx_all[None, :]  # (B, B+K')
+            positives[:, : same.shape[1]] |= same
+            positives = positives.float()
             hard = positives / positives.sum(dim=1, keepdim=True)
             alpha = alpha_ramp(step, m.alpha_ramp_steps, m.alpha)
             targets_i2t = distillation_targets(image_feat_m @ text_all.t() / self.temp, hard, alpha)

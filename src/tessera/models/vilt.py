@@ -34,7 +34,7 @@ Shapes:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import tokenizers
 import torch
@@ -49,6 +49,9 @@ from tessera.objectives.mlm import MLMPredictions, mask_tokens, mlm_loss
 from tessera.text.bert import BertConfig, BertEmbeddings, BertIntermediate, BertSelfAttention
 
 TEXT_TYPE, IMAGE_TYPE = 0, 1
+# How Linear / Conv2d weights start (see init_weights): "normal" N(0, initializer_range) as BERT,
+# ViT and Hugging Face do; "pytorch" PyTorch's own default, U(±1/√fan_in).
+LinearInit = Literal["normal", "pytorch"]
 _MASK_REDRAWS = 20  # a tiny batch may select no word at all; draw again a few times
 
 
@@ -67,6 +70,11 @@ class ViltConfig(Config):
     patch_size: int = 8
     num_channels: int = 3
     initializer_range: float = 0.02
+    # "pytorch" for a tiny model trained from scratch: with N(0, 0.02) the attention and FFN
+    # outputs are so small at width 128 that the [CLS] state hardly depends on the image or the
+    # text, ITM sits at its label prior and never leaves it (ALBEF's init makes the same
+    # choice). "normal" (BERT / ViT) for the published sizes, which start from imported weights.
+    linear_init: LinearInit = "pytorch"
     # MLM: the tokenizer's "<mask>" id and the ids never masked (special tokens).
     mask_token_id: int | None = None
     special_token_ids: tuple[int, ...] = (0, 1, 2, 3, 4)  # Tessera's <pad> <unk> <s> </s> <image>
@@ -211,12 +219,16 @@ def check_objectives(objectives: dict[str, float], allowed: set[str], model: str
         raise ValueError(f"{model} has no objective {unknown}; allowed: {sorted(allowed)}")
 
 
-def init_weights(module: nn.Module, std: float) -> None:
-    """BERT / ViT initialisation: normal(0, std) weights, zero biases, unit LayerNorm gains."""
+def init_weights(module: nn.Module, std: float, linear_init: LinearInit = "normal") -> None:
+    """Embeddings normal(0, std), unit LayerNorm gains and zero shifts; Linear and Conv2d layers
+    normal(0, std) with zero biases (linear_init "normal": BERT / ViT), or left as PyTorch built
+    them (linear_init "pytorch": U(±1/√fan_in), as ALBEF's init). Embeddings stay N(0, std)
+    either way: PyTorch's N(0, 1) would give a tied MLM head logits of size ~√E."""
     if isinstance(module, nn.Linear | nn.Conv2d):
-        nn.init.normal_(module.weight, std=std)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
+        if linear_init == "normal":
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Embedding):
         nn.init.normal_(module.weight, std=std)
     elif isinstance(module, nn.LayerNorm):
@@ -430,7 +442,7 @@ class ViLT(nn.Module):
         self.itm_score = ITMHead(cfg.hidden_size)
         # The decoder's weight IS the word-embedding Parameter (tied, as in Hugging Face's ViLT).
         self.mlm_score = MLMPredictions(cfg.text_config, self.vilt.embeddings.text_embeddings.word_embeddings)
-        self.apply(lambda m: init_weights(m, cfg.initializer_range))
+        self.apply(lambda m: init_weights(m, cfg.initializer_range, cfg.linear_init))
         with torch.no_grad():
             nn.init.trunc_normal_(self.vilt.embeddings.cls_token, std=cfg.initializer_range)
             nn.init.trunc_normal_(self.vilt.embeddings.position_embeddings, std=cfg.initializer_range)

@@ -52,6 +52,7 @@ from torch import Tensor, nn
 
 from tessera.config import Config
 from tessera.models.vilt import (
+    LinearInit,
     as_image_list,
     check_objectives,
     embed_image_list,
@@ -87,6 +88,7 @@ class VLMoConfig(Config):
     logit_scale_init: float = math.log(1 / 0.07)
     logit_scale_max: float = math.log(100.0)
     initializer_range: float = 0.02
+    linear_init: LinearInit = "pytorch"  # see ViltConfig.linear_init
     mask_token_id: int | None = None  # the tokenizer's "<mask>"
     special_token_ids: tuple[int, ...] = (0, 1, 2, 3, 4)  # never masked: <pad> <unk> <s> </s> <image>
     mlm_probability: float = 0.15
@@ -184,7 +186,7 @@ class VLMo(nn.Module):
         self.mlm_score = MLMPredictions(cfg.text_config, self.transformer.embeddings.word_embeddings)
         self.mim_mask_token = nn.Parameter(torch.zeros(e))
         self.mim_head = nn.Linear(e, cfg.num_channels * cfg.patch_size**2)
-        self.apply(lambda m: init_weights(m, cfg.initializer_range))
+        self.apply(lambda m: init_weights(m, cfg.initializer_range, cfg.linear_init))
         with torch.no_grad():
             for p in (self.vision_embeddings.class_embedding, self.mim_mask_token):
                 nn.init.trunc_normal_(p, std=cfg.initializer_range)

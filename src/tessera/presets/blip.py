@@ -26,7 +26,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import model_validator
@@ -60,6 +60,7 @@ class BLIPPreset(Config):
     embed_dim: int = 256
     momentum: MomentumConfig | None = None
     label_smoothing: float = 0.1
+    linear_init: Literal["normal", "pytorch"] = "pytorch"  # see BLIPConfig.linear_init
     tokenizer_vocab_size: int = 1024
     pretrain_stage: StageConfig  # model A (zoo: on the noisy captions)
     bootstrap_stage: StageConfig  # model B, a new model on the CapFilt output
@@ -88,6 +89,7 @@ class BLIPPreset(Config):
         text = self.text.model_copy(update={"vocab_size": tokenizer.vocab_size})
         return BLIPConfig(vision=self.vision, text=BertConfig.model_validate(text.model_dump()),
                           embed_dim=self.embed_dim, momentum=self.momentum, label_smoothing=self.label_smoothing,
+                          linear_init=self.linear_init,
                           **blip_token_ids(tokenizer))
 
 
@@ -136,6 +138,7 @@ def paper() -> BLIPPreset:
         text=_text(30524, 768, 12, 12, 3072, 512, vision.hidden_size),
         embed_dim=256,
         momentum=MomentumConfig(momentum=0.995, queue_size=57600, alpha=0.4, alpha_ramp_steps=steps // 20),
+        linear_init="normal",
         tokenizer_vocab_size=30524,
         pretrain_stage=stage,
         bootstrap_stage=stage.model_copy(update={"name": "bootstrap"}),

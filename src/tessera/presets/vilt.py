@@ -92,7 +92,7 @@ def paper() -> ViLTPreset:
         name="vilt-b32",
         model=ViltConfig(vocab_size=30522, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
                          image_size=384, patch_size=32, max_position_embeddings=40, mask_token_id=103,
-                         special_token_ids=(0, 100, 101, 102, 103), layer_norm_eps=1e-12),
+                         special_token_ids=(0, 100, 101, 102, 103), layer_norm_eps=1e-12, linear_init="normal"),
         tokenizer_vocab_size=30522,
         stages=[
             StageConfig(name="pretrain", trainable=["*"], objectives={"itm": 1.0, "mlm": 1.0}, data="captions",
