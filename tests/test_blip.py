@@ -190,16 +190,23 @@ def test_lm_loss_is_label_smoothed_cross_entropy_over_real_next_tokens() -> None
     torch.testing.assert_close(loss, torch.stack(terms).mean())
 
 
+# ITC targets of a 4-row batch whose rows 0 and 1 are matches of each other.
+ROWS_0_AND_1_MATCH = torch.tensor([[0.5, 0.5, 0, 0], [0.5, 0.5, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])
+
+
+def _soft_itc(model: BLIP, batch: ImageTextBatch, targets: torch.Tensor) -> torch.Tensor:
+    """Symmetric ITC against soft targets, by hand (temperature 0.07, the fresh model's)."""
+    img = model.image_embeddings(batch.images)
+    txt = model.text_embeddings(batch.input_ids, batch.attention_mask)
+    sim = img @ txt.t() / 0.07
+    return 0.5 * (-(F.log_softmax(sim, 1) * targets).sum(1).mean() - (F.log_softmax(sim.t(), 1) * targets).sum(1).mean())
+
+
 def test_itc_targets_spread_over_rows_of_the_same_image() -> None:
     model = BLIP(_config())
     batch = _batch(4, image_ids=[0, 0, 1, 2])
     loss = model.pretrain_losses(batch, {"itc": 1.0}, 0)["itc"]
-    img = model.image_embeddings(batch.images)
-    txt = model.text_embeddings(batch.input_ids, batch.attention_mask)
-    sim = img @ txt.t() / 0.07
-    targets = torch.tensor([[0.5, 0.5, 0, 0], [0.5, 0.5, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])
-    expected = 0.5 * (-(F.log_softmax(sim, 1) * targets).sum(1).mean() - (F.log_softmax(sim.t(), 1) * targets).sum(1).mean())
-    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(loss, _soft_itc(model, batch, ROWS_0_AND_1_MATCH))
 
 
 def test_itm_scores_positives_and_hard_negatives_of_other_images() -> None:
@@ -224,12 +231,7 @@ def test_identical_captions_of_different_images_are_matches_not_negatives() -> N
     ids[1] = ids[0]  # rows 0 and 1: two images, one caption text
     batch = ImageTextBatch(list(torch.randn(4, 3, 16, 16)), ids, mask, torch.tensor([0, 1, 2, 3]))
     loss = model.pretrain_losses(batch, {"itc": 1.0}, 0)["itc"]
-    img = model.image_embeddings(batch.images)
-    txt = model.text_embeddings(batch.input_ids, batch.attention_mask)
-    sim = img @ txt.t() / 0.07
-    targets = torch.tensor([[0.5, 0.5, 0, 0], [0.5, 0.5, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])
-    expected = 0.5 * (-(F.log_softmax(sim, 1) * targets).sum(1).mean() - (F.log_softmax(sim.t(), 1) * targets).sum(1).mean())
-    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(loss, _soft_itc(model, batch, ROWS_0_AND_1_MATCH))
     # ITM: two rows with one caption have no negative left, so only the two positives are scored.
     twins = ImageTextBatch(list(torch.randn(2, 3, 16, 16)), ids[:2], mask[:2], torch.tensor([0, 1]))
     scored: list[torch.Tensor] = []

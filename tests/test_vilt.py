@@ -4,6 +4,7 @@ ITM negatives, the checkpoint round trip, and a tiny run that learns to match im
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -278,11 +279,18 @@ def test_the_tiny_preset_starts_with_a_cls_state_that_reads_image_and_text(token
     # pretraining and retrieval was at chance. PyTorch's default init (ALBEF's) gives ~0.04.
     from tessera.presets.vilt import tiny
 
-    fields = {**tiny().model.to_dict(), **tokenizer_fields(tokenizer)}
+    assert_fresh_state_reads_input(lambda **f: ViLT(ViltConfig(**f)), tiny().model.to_dict(), tokenizer)
+
+
+def assert_fresh_state_reads_input(build: Callable[..., torch.nn.Module], fields: dict, tokenizer: Tokenizer) -> None:
+    """A model built from `fields` (the preset's config, linear_init "pytorch") has a fused state
+    that moves with image and text (relative spread > 0.02); the same with BERT's N(0, 0.02)
+    linear init hardly moves (< 0.01)."""
+    fields = {**fields, **tokenizer_fields(tokenizer)}
     torch.manual_seed(0)
-    fresh = ViLT(ViltConfig(**fields)).eval()
+    fresh = build(**fields).eval()
     torch.manual_seed(0)
-    bert_init = ViLT(ViltConfig(**{**fields, "linear_init": "normal"})).eval()
+    bert_init = build(**{**fields, "linear_init": "normal"}).eval()
     spread, bert_spread = fused_spread(fresh, tokenizer), fused_spread(bert_init, tokenizer)
     assert min(spread) > 0.02 and max(bert_spread) < 0.01, (spread, bert_spread)
 
