@@ -39,6 +39,8 @@ from tessera.train.fusion_tasks import (
     ImageTextBatch,
     ImageTextTask,
     encode_captions,
+    shapes_image_stats,
+    shapes_transform,
     train_fusion_tokenizer,
 )
 from tessera.train.stage import StageConfig
@@ -168,6 +170,27 @@ def _records(shapes: Path) -> list[Caption]:
         Caption(1, images[1], "a blue square."),
         Caption(2, images[2], "a green cross."),
     ]
+
+
+def test_dataset_statistics_centre_the_shapesworld_background(shapes: Path) -> None:
+    # Issue 3: under CLIP's statistics ShapesWorld's light-grey background, most of every
+    # picture, is a large constant (≈ +1.7 per channel) that Adam amplifies through a linear patch
+    # embedding until the shapes drown; ViLT's ITM and MLM never learned to read the image. The
+    # train split's own statistics put the background near 0 and the pixels at unit variance.
+    mean, std = shapes_image_stats(shapes, IMAGE_SIZE)
+    dataset, clip = shapes_transform(shapes, IMAGE_SIZE, "dataset"), shapes_transform(shapes, IMAGE_SIZE)
+    assert (dataset.mean, dataset.std) == (mean, std) and clip.mean != mean
+    background = torch.tensor(json.loads((shapes / "meta.json").read_text())["background"], dtype=torch.uint8)
+    pixel = background.view(3, 1, 1)
+    assert bool((clip.normalize_uint8(pixel).abs() > 1.5).all())
+    assert bool((dataset.normalize_uint8(pixel).abs() < 0.6).all())
+    images = ImageCache(dataset, SkipStats())
+    train = sorted((shapes / "images" / "train").glob("*.png"))
+    pixels = torch.stack([images.normalize(images.get(p)) for p in train])
+    torch.testing.assert_close(pixels.mean(dim=(0, 2, 3)), torch.zeros(3), atol=0.05, rtol=0)
+    torch.testing.assert_close(pixels.std(dim=(0, 2, 3)), torch.ones(3), atol=0.05, rtol=0)
+    with pytest.raises(ValueError, match="stats must be"):
+        shapes_transform(shapes, IMAGE_SIZE, "imagenet")  # type: ignore[arg-type]
 
 
 def test_image_text_batch_pads_and_marks_rows_sharing_an_image(shapes: Path, tokenizer: Tokenizer,

@@ -35,6 +35,7 @@ from tessera.train.fusion_tasks import (
     ImageTextBatch,
     ImageTextTask,
     encode_captions,
+    shapes_transform,
 )
 from tessera.train.stage import StageConfig
 from tessera.train.trainer import Trainer
@@ -370,6 +371,10 @@ def test_zoo_runner_trains_and_reports_every_task(shapes_tasks: Path, tmp_path: 
         assert all(0.0 <= v <= 1.0 for v in result.metrics[label].values())
     loaded = load_checkpoint(tmp_path / "pretrain" / "final")
     assert loaded.kind == "vilt" and bool(loaded.model.word_starts.any())
+    # Trained on pixels normalised with the dataset's own statistics, and the checkpoint says so.
+    assert preset.image_stats == "dataset"
+    transform = shapes_transform(shapes_tasks, 64, "dataset")
+    assert loaded.meta["image_mean"] == list(transform.mean) and loaded.meta["image_std"] == list(transform.std)
     assert result.trainable_params_by_stage["pretrain"] == sum(p.numel() for p in loaded.model.parameters())
     with pytest.raises(ValueError, match="ViLT has no objective \\['itc'\\]"):
         ViLTPreset(name="bad", model=ViltConfig(), stages=[StageConfig(name="p", trainable=["*"],

@@ -42,7 +42,7 @@ from tessera.models.blip import BLIP, BLIP_VISION, BLIPConfig, MomentumConfig, b
 from tessera.models.blip import OBJECTIVES as BLIP_OBJECTIVES
 from tessera.text.bert import BertConfig
 from tessera.text.tokenizer import Tokenizer
-from tessera.train.fusion_tasks import ImageTextTask, shapes_transform, train_fusion_tokenizer
+from tessera.train.fusion_tasks import ImageStats, ImageTextTask, shapes_transform, train_fusion_tokenizer
 from tessera.train.stage import StageConfig, check_stages
 from tessera.train.trainer import StageResult, Trainer, seed_everything
 from tessera.vision.vit import ViTConfig
@@ -72,6 +72,7 @@ class BLIPPreset(Config):
     rerank_k: int = 16
     finetune_stages: dict[str, StageConfig] = {}  # fusion_eval overrides, by task
     finetune_tasks: tuple[str, ...] = FINETUNE_TASKS
+    image_stats: ImageStats = "dataset"  # ShapesWorld pixel normalisation (fusion_tasks.shapes_transform)
 
     @model_validator(mode="after")
     def _check(self) -> BLIPPreset:
@@ -139,6 +140,7 @@ def paper() -> BLIPPreset:
         embed_dim=256,
         momentum=MomentumConfig(momentum=0.995, queue_size=57600, alpha=0.4, alpha_ramp_steps=steps // 20),
         linear_init="normal",
+        image_stats="clip",
         tokenizer_vocab_size=30524,
         pretrain_stage=stage,
         bootstrap_stage=stage.model_copy(update={"name": "bootstrap"}),
@@ -236,7 +238,7 @@ def run(ctx: ZooContext, preset: BLIPPreset | None = None) -> ZooResult:
     start = time.perf_counter()
     tokenizer = train_fusion_tokenizer(data, preset.tokenizer_vocab_size)
     tokenizer_file = tokenizer.save(out / "tokenizer")
-    transform = shapes_transform(data, preset.vision.image_size)
+    transform = shapes_transform(data, preset.vision.image_size, preset.image_stats)
     meta = load_meta(data)
     clean_file = shapes_split_paths(data, "train")["captions"]
     noisy_file = out / "web" / "train" / "captions.json"

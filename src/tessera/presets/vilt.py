@@ -35,6 +35,7 @@ from tessera.pipeline import scaled
 from tessera.text.tokenizer import Tokenizer
 from tessera.train.fusion_tasks import (
     MASK_TOKEN,
+    ImageStats,
     Modality,
     shapes_pretrain_task,
     shapes_transform,
@@ -54,6 +55,9 @@ class ViLTPreset(Config):
     stages: list[StageConfig]  # pretraining on image-caption pairs, in order
     finetune: dict[str, StageConfig] = {}  # overrides of fusion_eval's stages ("vqa", "reasoning", "entailment")
     itm_only_images: int = 100  # retrieval gallery subset scored pair by pair with ITM
+    # Pixel normalisation on ShapesWorld (fusion_tasks.shapes_transform): "dataset" centres the
+    # light-grey background; under CLIP's statistics ViLT never learns to read the image.
+    image_stats: ImageStats = "dataset"
 
     @model_validator(mode="after")
     def _check(self) -> ViLTPreset:
@@ -99,6 +103,7 @@ def paper() -> ViLTPreset:
                         steps=100_000, batch_size=4096, lr=1e-4, warmup_steps=10_000, weight_decay=0.01,
                         max_length=40, bf16=True),
         ],
+        image_stats="clip",
     )
 
 
@@ -143,6 +148,7 @@ def run_fusion_recipe(
     finetune: dict[str, StageConfig],
     itm_only_images: int = 100,
     rerank_k: int = 16,
+    image_stats: ImageStats = "clip",
 ) -> ZooResult:
     """Train a fusion model's recipe on ctx.data_dir (each stage on batches of its modality,
     from the previous stage's weights, steps × ctx.scale) and evaluate retrieval, VQA,
@@ -152,8 +158,10 @@ def run_fusion_recipe(
     seed_everything(ctx.seed)
     tokenizer = train_fusion_tokenizer(ctx.data_dir, tokenizer_vocab_size)
     tokenizer_file = tokenizer.save(out / "tokenizer")
-    transform = shapes_transform(ctx.data_dir, image_size)
+    transform = shapes_transform(ctx.data_dir, image_size, image_stats)
     images = ImageCache(transform, SkipStats())
+    meta = {"preset": preset_name, "image_size": [transform.height, transform.width],
+            "image_mean": list(transform.mean), "image_std": list(transform.std)}
     seed_everything(ctx.seed)
     model = build(tokenizer)
     seconds: dict[str, float] = {}
@@ -164,7 +172,7 @@ def run_fusion_recipe(
         stage = scaled(stage, ctx.scale, ctx.seed)
         max_length = stage.max_length
         task = shapes_pretrain_task(ctx.data_dir, tokenizer, stage, modality=modality, images=images)
-        result = Trainer(model, stage, task, out_dir=out / stage.name, checkpoint_meta={"preset": preset_name},
+        result = Trainer(model, stage, task, out_dir=out / stage.name, checkpoint_meta=meta,
                          tokenizer_file=tokenizer_file, progress=ctx.progress).fit()
         seconds[stage.name] = result.seconds
         trainable[stage.name] = result.trainable.trainable
@@ -196,7 +204,7 @@ def run(ctx: ZooContext, preset: ViLTPreset | None = None) -> ZooResult:
         ctx, preset_name=preset.name, tokenizer_vocab_size=preset.tokenizer_vocab_size,
         image_size=preset.model.image_size, stages=[(stage, "image_text") for stage in preset.stages],
         build=lambda tokenizer: build_model(preset, tokenizer), finetune=preset.finetune,
-        itm_only_images=preset.itm_only_images,
+        itm_only_images=preset.itm_only_images, image_stats=preset.image_stats,
     )
 
 

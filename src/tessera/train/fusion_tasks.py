@@ -316,14 +316,51 @@ def train_fusion_tokenizer(
                      extra_special_tokens=tuple(extra_special_tokens))
 
 
-def shapes_transform(data_dir: str | Path, image_size: int | None = None) -> ImageTransform:
-    """The ImageTransform for a ShapesWorld folder: square `image_size`, or the dataset's own size."""
+ImageStats = Literal["clip", "dataset"]
+
+
+def shapes_image_stats(data_dir: str | Path, image_size: int | None = None, *, split: str = "train",
+                       max_images: int = 1000) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """Per-channel mean and standard deviation, in [0, 1] units, of the pixels of a ShapesWorld
+    split's first `max_images` captioned images (in caption-file order, resized as the models
+    see them). Unreadable images are left out; none readable raises."""
+    data_dir = Path(data_dir)
+    if max_images < 1:
+        raise ValueError(f"max_images must be positive, got {max_images}")
+    captions, _ = read_coco_captions(shapes_split_paths(data_dir, split)["captions"], data_dir)
+    paths = list(dict.fromkeys(c.image for c in captions))[:max_images]
+    cache = ImageCache(shapes_transform(data_dir, image_size), SkipStats())
+    pixels = [px for px in (cache.get(p) for p in paths) if px is not None]
+    if not pixels:
+        raise ValueError(f"{data_dir}/{split}: no readable image to take pixel statistics from")
+    x = torch.stack(pixels).to(torch.float64) / 255.0
+    mean, std = x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3)).clamp(min=1e-3)
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)  # type: ignore[return-value]
+
+
+def shapes_transform(data_dir: str | Path, image_size: int | None = None, stats: ImageStats = "clip") -> ImageTransform:
+    """The ImageTransform for a ShapesWorld folder: square `image_size`, or the dataset's own size.
+
+    `stats` picks the normalisation: "clip" (CLIP's mean / std, the default) or "dataset" (the
+    train split's own, `shapes_image_stats`). Under CLIP's statistics ShapesWorld's light-grey
+    background, most of every picture, becomes a large constant (≈ +1.7 in each channel), and a
+    linear patch embedding trained by Adam amplifies that constant until it drowns the shapes:
+    ViLT's and BLIP's ITM and ViLT's MLM then never learn to read the image (issue 3). The
+    dataset's statistics centre the background near 0.
+    """
     if image_size is None:
         config = load_meta(data_dir)["config"]
         height = int(config.get("image_size", 64))
         width = round(height * float(config.get("aspect_ratio", 1.0)))
-        return ImageTransform(size=(height, width))
-    return ImageTransform(size=(image_size, image_size))
+        size = (height, width)
+    else:
+        size = (image_size, image_size)
+    if stats == "clip":
+        return ImageTransform(size=size)
+    if stats != "dataset":
+        raise ValueError(f"stats must be 'clip' or 'dataset', got {stats!r}")
+    mean, std = shapes_image_stats(data_dir, image_size)
+    return ImageTransform(size=size, mean=mean, std=std)
 
 
 def shapes_pretrain_task(
