@@ -27,7 +27,13 @@ from tessera.data.templates import (
 )
 from tessera.models.lvlm import LVLM, LVLMConfig
 from tessera.nn.lora import lora_modules
-from tessera.pipeline import PipelineResult, build_lvlm, read_stage_conversations, stage_template, train_lvlm
+from tessera.pipeline import (
+    PipelineResult,
+    build_lvlm,
+    read_stage_conversations,
+    stage_template,
+    train_lvlm,
+)
 from tessera.presets import internvl, minigpt_v2, qwen_vl
 from tessera.presets.base import PRETRAIN_STAGES, LVLMPreset
 from tessera.presets.llava import get_preset

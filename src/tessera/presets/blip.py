@@ -42,7 +42,12 @@ from tessera.models.blip import BLIP, BLIP_VISION, BLIPConfig, MomentumConfig, b
 from tessera.models.blip import OBJECTIVES as BLIP_OBJECTIVES
 from tessera.text.bert import BertConfig
 from tessera.text.tokenizer import Tokenizer
-from tessera.train.fusion_tasks import ImageStats, ImageTextTask, shapes_transform, train_fusion_tokenizer
+from tessera.train.fusion_tasks import (
+    ImageStats,
+    ImageTextTask,
+    shapes_transform,
+    train_fusion_tokenizer,
+)
 from tessera.train.stage import StageConfig, check_stages
 from tessera.train.trainer import StageResult, Trainer, seed_everything
 from tessera.vision.vit import ViTConfig
