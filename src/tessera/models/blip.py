@@ -41,7 +41,7 @@ Shapes:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +50,7 @@ from torch import Tensor, nn
 
 from tessera.config import Config
 from tessera.data.templates import IGNORE_INDEX
-from tessera.models.vilt import same_pair_mask
+from tessera.models.vilt import LinearInit, same_pair_mask
 from tessera.nn.attention import attention
 from tessera.objectives.itm import ITMHead, itm_batch, itm_loss, sample_hard_negatives
 from tessera.objectives.lm import next_token_loss
@@ -112,7 +112,7 @@ class BLIPConfig(Config):
     # Linear layers: "pytorch" keeps PyTorch's U(±1/√fan_in) (ALBEF's init; what a tiny model
     # trained from scratch needs: under N(0, 0.02) every [CLS] / [ENC] state is nearly the same
     # vector, ITC learns slowly and ITM not at all); "normal" is BERT's / BLIP's N(0, 0.02).
-    linear_init: Literal["normal", "pytorch"] = "pytorch"
+    linear_init: LinearInit = "pytorch"
     # Token ids (from the tokenizer): texts come as "<s> caption </s>" + padding.
     pad_id: int
     bos_id: int
@@ -165,7 +165,7 @@ def soft_contrastive_loss(sim: Tensor, targets: Tensor) -> Tensor:
     return -(F.log_softmax(sim.float(), dim=1) * targets).sum(dim=1).mean()
 
 
-def _init_weights(module: nn.Module, linear_init: str = "normal") -> None:
+def _init_weights(module: nn.Module, linear_init: LinearInit = "normal") -> None:
     """Embeddings N(0, 0.02) (PyTorch's N(0, 1) would give the tied LM head logits of size ~√E);
     linear weights N(0, 0.02) with zero biases as BERT / BLIP (linear_init "normal"), or left as
     PyTorch built them ("pytorch", see BLIPConfig.linear_init)."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from pydantic import model_validator
@@ -40,6 +40,7 @@ from tessera.eval.caption_metrics import CaptionScores, score_captions
 from tessera.eval.fusion_eval import DEFAULT_FINETUNE_STAGES, FINETUNE_TASKS, evaluate_fusion_model
 from tessera.models.blip import BLIP, BLIP_VISION, BLIPConfig, MomentumConfig, blip_token_ids
 from tessera.models.blip import OBJECTIVES as BLIP_OBJECTIVES
+from tessera.models.vilt import LinearInit
 from tessera.text.bert import BertConfig
 from tessera.text.tokenizer import Tokenizer
 from tessera.train.fusion_tasks import (
@@ -65,7 +66,7 @@ class BLIPPreset(Config):
     embed_dim: int = 256
     momentum: MomentumConfig | None = None
     label_smoothing: float = 0.1
-    linear_init: Literal["normal", "pytorch"] = "pytorch"  # see BLIPConfig.linear_init
+    linear_init: LinearInit = "pytorch"  # see BLIPConfig.linear_init
     tokenizer_vocab_size: int = 1024
     pretrain_stage: StageConfig  # model A (zoo: on the noisy captions)
     bootstrap_stage: StageConfig  # model B, a new model on the CapFilt output
