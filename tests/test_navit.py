@@ -196,8 +196,8 @@ def test_points_preset_stages() -> None:
     assert isinstance(model.vision_tower, NaViT) and model.connector.cfg.kind == "mlp"
     count = {name: sum(p.numel() for p in getattr(model, name).parameters())
              for name in ("vision_tower", "connector", "language_model")}
-    expected = [count["vision_tower"] + count["connector"], count["connector"],
-                count["connector"] + count["language_model"]]
+    # The tiny recipe's encoder stays frozen throughout (it degrades under stage 1's caption loss).
+    expected = [count["connector"], count["connector"], count["connector"] + count["language_model"]]
     assert [set_trainable(model, s.trainable).trainable for s in preset.stages] == expected
     assert points.paper()["encoder"].patch_size == 14
 

@@ -64,7 +64,7 @@ def tiny() -> LVLMPreset:
         visual_expert=True,
         image_positions="shared",
         folder="cogvlm",
-        stages=stages(towers["llm"], steps=(100, 100, 300), batch=(32, 32, 16), lr=(2e-3, 1e-3, 4e-3)),
+        stages=stages(towers["llm"], steps=(100, 100, 1200), batch=(32, 32, 16), lr=(2e-3, 1e-3, 4e-3)),
     )
 
 
