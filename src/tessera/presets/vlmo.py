@@ -1,7 +1,7 @@
 """VLMo preset: the model's sizes, the three-stage recipe, and the zoo runner.
 
 `tiny` trains on a 2-core CPU in minutes on ShapesWorld: a 4-layer Mixture-of-Modality-Experts
-transformer of width 128 (VL-FFN in the top 2 layers) over 16-pixel patches of the 64-pixel
+transformer of width 128 (VL-FFN in the top 2 layers) over 8-pixel patches of the 64-pixel
 images, trained stagewise as VLMo is:
     1. "image"       ShapesWorld images alone, masked image modelling (SimMIM-style pixel
                      regression of 40% masked patches; see models/vlmo.py); attention, V-FFN
