@@ -10,7 +10,7 @@ the linear layer and the adapters train in all three (the same adapters continue
     3 "instruct"   multimodal instruction tuning (tiny: multi-turn VQA, [vqa])        lr 1e-5
 `tiny` shares its ViT, LLM and their pretraining with the other tiny LVLM presets; the paper's
 10× learning-rate drop after stage 1 is kept in spirit (a lower rate in stages 2-3) but with
-rates large enough for a few hundred steps. A 64 px image (8×8 patches) becomes 16 tokens.
+rates large enough for ~1,300 steps. A 64 px image (8×8 patches) becomes 16 tokens.
 `paper` records the published dimensions (EVA ViT-g/14 at 448 px without its last layer: 1024
 patches → 256 tokens; LLaMA-2-chat-7B) for use with imported weights.
 """
