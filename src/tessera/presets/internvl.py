@@ -4,7 +4,7 @@ tokens becomes one, 4× fewer) → LayerNorm + two-layer MLP → LLM.
 
 Two stages, as InternVL trains: 1 "pretrain" (image-caption data; the MLP projector only, as
 InternVL 2's MLP warm-up) and 2 "finetune" (instruction data; everything, the ViT at a tenth
-of the learning rate). `tiny` shares its ViT, LLM and their pretraining with the other tiny
+of the learning rate; `tiny` keeps its ViT frozen). `tiny` shares its ViT, LLM and their pretraining with the other tiny
 LVLM presets; images are fed at 128 px and cut into at most 4 tiles of 64 px, so a square
 image becomes 2×2 tiles + a thumbnail = 5 × 16 = 80 tokens. `paper` records the published
 dimensions (InternViT-6B-448px, 12 tiles, InternLM2-20B) for use with imported weights.
@@ -36,8 +36,11 @@ def tiny() -> LVLMPreset:
         stages=[
             StageConfig(name="pretrain", trainable=["connector"], data="llava_pretrain",
                         steps=100, batch_size=32, lr=2e-3, warmup_steps=10),
-            StageConfig(name="finetune", trainable=["*"], data="llava_instruct", group_by_image=True,
-                        steps=250, batch_size=16, lr=1e-3, warmup_steps=10, lr_scale={"vision_tower": 0.1}),
+            # The tiny recipe keeps the ViT frozen (InternVL trains it at 0.1x: the tiny ViT degrades under
+            # LM losses, as for Qwen-VL and POINTS) and runs 1,200 steps, not 250: VQA 0.482 / 0.444
+            # → 0.800 / 0.525 with both changes together (ZOO.md).
+            StageConfig(name="finetune", trainable=["connector", "language_model"], data="llava_instruct",
+                        group_by_image=True, steps=1200, batch_size=16, lr=1e-3, warmup_steps=40),
         ],
     )
 
