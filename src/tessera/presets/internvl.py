@@ -6,8 +6,9 @@ Two stages, as InternVL trains: 1 "pretrain" (image-caption data; the MLP projec
 InternVL 2's MLP warm-up) and 2 "finetune" (instruction data; everything, the ViT at a tenth
 of the learning rate; `tiny` keeps its ViT frozen). `tiny` shares its ViT, LLM and their
 pretraining with the other tiny LVLM presets; images are fed at 128 px and cut into at most 4
-tiles of 64 px, so a square image becomes 2×2 tiles + a thumbnail = 5 × 16 = 80 tokens. `paper` records the published
-dimensions (InternViT-6B-448px, 12 tiles, InternLM2-20B) for use with imported weights.
+tiles of 64 px, so a square image becomes 2×2 tiles + a thumbnail = 5 × 16 = 80 tokens.
+`paper` records the published dimensions (InternViT-6B-448px, 12 tiles, InternLM2-20B) for use
+with imported weights.
 """
 
 from __future__ import annotations
