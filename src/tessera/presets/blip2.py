@@ -150,8 +150,10 @@ def tiny() -> Blip2Recipe:
             tiny_chat_stage(),
             StageConfig(name="generate", trainable=["connector"], data="llava_pretrain", steps=150, batch_size=32,
                         lr=2e-3, warmup_steps=10),
+            # 1,200 instruction steps, not 500: VQA 0.470 -> 0.506 and CIDEr 1.11 -> 1.37 (ZOO.md); the
+            # frozen LLM reads only what the 8 queries carry, so it gains less than the LLaVA rows did.
             StageConfig(name="instruct", trainable=["connector"], data="llava_instruct", group_by_image=True,
-                        steps=500, batch_size=16, lr=1e-3, warmup_steps=30),
+                        steps=1200, batch_size=16, lr=1e-3, warmup_steps=30),
         ],
     )
     return Blip2Recipe(lvlm=lvlm)
