@@ -52,7 +52,14 @@ from tessera.eval.caption_metrics import score_captions
 from tessera.infer.generate import GenerationConfig, generate
 from tessera.models.blip2 import Blip2PretrainConfig, Blip2QFormerPretrain
 from tessera.models.lvlm import LVLM
-from tessera.pipeline import PipelineResult, build_lvlm, scaled, stage_template, train_lvlm
+from tessera.pipeline import (
+    STAGE_DATA,
+    PipelineResult,
+    build_lvlm,
+    scaled,
+    stage_template,
+    train_lvlm,
+)
 from tessera.presets.base import LVLMPreset, tiny_towers
 from tessera.presets.lvlm_runner import eval_limit, evaluate_vqa_zoo, shared_pretraining
 from tessera.text.llama import LlamaConfig
@@ -251,18 +258,20 @@ def _cached_stage1(recipe: Blip2Recipe, ctx: ZooContext, pretrained: Path) -> tu
 # ------------------------------------------------------------------------------ stage 2
 
 
-def described_conversations(data_dir: str | Path) -> tuple[list[Conversation], SkipStats]:
-    """The train split's caption and instruction conversations with each image placeholder replaced
-    by that image's full description (its first caption: every object with size, colour, shape):
-    text the LLM must read to answer, as it will later read the Q-Former's soft prompt."""
+def described_conversations(
+    data_dir: str | Path, split: str = "train", sources: tuple[str, ...] = ("llava_pretrain", "llava_instruct"),
+) -> tuple[list[Conversation], SkipStats]:
+    """The split's caption and instruction conversations (`sources`) with each image placeholder
+    replaced by that image's full description (its first caption: every object with size, colour,
+    shape): text the LLM must read to answer, as it will later read the Q-Former's soft prompt."""
     data_dir = Path(data_dir)
-    paths = shapes_split_paths(data_dir, "train")
+    paths = shapes_split_paths(data_dir, split)
     captions, skips = read_coco_captions(paths["captions"], data_dir)
     description: dict[Path, str] = {}
     for c in captions:
         description.setdefault(c.image, c.caption)  # ShapesWorld writes the full caption first
     convs: list[Conversation] = []
-    for key in ("llava_pretrain", "llava_instruct"):
+    for key in sources:
         records, more = read_llava(paths[key], data_dir)
         skips.merge(more)
         for c in records:
@@ -273,6 +282,18 @@ def described_conversations(data_dir: str | Path) -> tuple[list[Conversation], S
             turns = tuple(Turn(t.role, t.text.replace(IMAGE_TOKEN, text)) for t in c.turns)
             convs.append(Conversation(id=f"{c.id}_described", images=(), turns=turns))
     return convs, skips
+
+
+def _described_instructions(data_dir: Path, split: str, skips: SkipStats) -> list[Conversation]:
+    convs, more = described_conversations(data_dir, split, sources=("llava_instruct",))
+    skips.merge(more)
+    return convs
+
+
+# Stage data for a chat preparation run by train_lvlm itself (MiniGPT-v2's LLaMA-2-chat stand-in):
+# the instruction conversations with each image written out, in one task's template.
+DESCRIBED_INSTRUCTIONS = "described_instructions"
+STAGE_DATA[DESCRIBED_INSTRUCTIONS] = _described_instructions
 
 
 def tune_llm_chat(

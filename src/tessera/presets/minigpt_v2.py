@@ -21,6 +21,7 @@ from tessera.config import Config
 from tessera.connectors.token_merge import TokenMergeConfig
 from tessera.nn.lora import LoraConfig
 from tessera.presets.base import LVLMPreset, tiny_towers
+from tessera.presets.blip2 import DESCRIBED_INSTRUCTIONS
 from tessera.presets.lvlm_runner import zoo_runner
 from tessera.text.llama import LlamaConfig
 from tessera.train.stage import StageConfig
@@ -29,7 +30,7 @@ from tessera.vision.vit import ViTConfig
 CONCAT4 = TokenMergeConfig(block=(1, 4), projector="linear")
 # LoRA on the LLM's Wq and Wv, rank 64 (MiniGPT-v2's lora_r = 64, lora_alpha = 16, dropout 0.05)
 LORA = LoraConfig(targets=["q_proj", "v_proj"], within=["language_model"], rank=64, alpha=16.0, dropout=0.05)
-TASKS = {"llava_pretrain": "caption", "llava_instruct": "vqa"}
+TASKS = {"llava_pretrain": "caption", "llava_instruct": "vqa", DESCRIBED_INSTRUCTIONS: "vqa"}
 
 
 def tiny() -> LVLMPreset:
@@ -41,6 +42,12 @@ def tiny() -> LVLMPreset:
         task_by_data=TASKS,
         vqa_task="vqa",
         stages=[
+            # MiniGPT-v2 starts from LLaMA-2-CHAT, an LLM that already follows instructions; the shared
+            # tiny LLM only saw plain text, so it is first tuned, alone and without LoRA, on the
+            # instruction conversations with each image written out as its description (BLIP-2's
+            # and MiniGPT-4's "llm_chat"). From the next stage on it is frozen under the adapters.
+            StageConfig(name="llm_chat", trainable=["language_model"], data=DESCRIBED_INSTRUCTIONS, steps=300,
+                        batch_size=32, lr=1e-3, warmup_steps=20, weight_decay=0.0, max_length=256),
             StageConfig(name="pretrain", trainable=["connector"], lora=LORA, data="llava_pretrain",
                         steps=100, batch_size=32, lr=3e-3, warmup_steps=10),
             # 400 + 800 steps, not 150 + 100: after 250 instruction steps the model had not begun to

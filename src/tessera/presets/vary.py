@@ -91,7 +91,7 @@ def tiny_vary_tiny() -> LVLMPreset:
         template="chatml",
         vision_feature_layer=-1,
         folder="vary",
-        stages=[StageConfig(name=VARY_TINY_STAGE, trainable=["*"], data="vary_tiny", steps=300, batch_size=32,
+        stages=[StageConfig(name=VARY_TINY_STAGE, trainable=["*"], data="vary_tiny", steps=1000, batch_size=32,
                             lr=1e-3, warmup_steps=20)],
     )
 
@@ -113,7 +113,7 @@ def tiny() -> LVLMPreset:
             StageConfig(name="pretrain", trainable=frozen_vision, data="llava_pretrain+ocr?+chart?", steps=150,
                         batch_size=32, lr=1e-3, warmup_steps=10),
             StageConfig(name="sft", trainable=frozen_vision, data="llava_instruct+ocr?+chart?", group_by_image=True,
-                        steps=300, batch_size=16, lr=1e-3, warmup_steps=20),
+                        steps=1200, batch_size=16, lr=1e-3, warmup_steps=20),
         ],
     )
 
