@@ -17,6 +17,7 @@ from tessera.data.images import ImageTransform
 from tessera.data.records import Caption, SkipStats
 from tessera.data.shapes import ShapesConfig, generate_shapes
 from tessera.data.shapes_tasks import generate_classic_tasks
+from tessera.eval.fusion_eval import shortened_finetune_stages
 from tessera.models.vilt import (
     ViLT,
     ViltConfig,
@@ -27,7 +28,7 @@ from tessera.models.vilt import (
     whole_word_ids,
     word_starts_from_tokenizer,
 )
-from tessera.presets.vilt import ViLTPreset, run, tiny_finetune, tokenizer_fields
+from tessera.presets.vilt import ViLTPreset, run, tokenizer_fields
 from tessera.text.tokenizer import Tokenizer, train_bpe
 from tessera.train.checkpoint import load_checkpoint, save_checkpoint
 from tessera.train.fusion_tasks import (
@@ -362,7 +363,7 @@ def test_zoo_runner_trains_and_reports_every_task(shapes_tasks: Path, tmp_path: 
         tokenizer_vocab_size=400,
         stages=[StageConfig(name="pretrain", trainable=["*"], objectives={"itm": 1.0, "mlm": 1.0}, steps=3,
                             batch_size=8, lr=1e-3, max_length=40)],
-        finetune=tiny_finetune(2),
+        finetune=shortened_finetune_stages(2),
         itm_only_images=6,
     )
     result = run(ZooContext(shapes_tasks, tmp_path, progress=False), preset)

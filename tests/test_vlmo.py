@@ -18,9 +18,10 @@ from tessera.data.images import ImageTransform
 from tessera.data.records import SkipStats
 from tessera.data.shapes import ShapesConfig, generate_shapes
 from tessera.data.shapes_tasks import generate_classic_tasks
+from tessera.eval.fusion_eval import shortened_finetune_stages
 from tessera.models.vlmo import VLMo, VLMoConfig, patchify, soft_itc_loss, stage_trainable
 from tessera.objectives.contrastive import clip_loss
-from tessera.presets.vilt import tiny_finetune, tokenizer_fields
+from tessera.presets.vilt import tokenizer_fields
 from tessera.presets.vlmo import VLMoPreset, run
 from tessera.text.bert import feed_forward
 from tessera.text.tokenizer import Tokenizer, train_bpe
@@ -373,7 +374,7 @@ def test_zoo_runner_runs_the_three_stages_and_reports_every_task(shapes_tasks: P
                         image_stage=stage("image", {"mim": 1.0}, "images"),
                         text_stage=stage("text", {"mlm": 1.0}, "captions"),
                         image_text_stage=stage("image_text", {"itc": 1.0, "itm": 1.0, "mlm": 1.0}, "captions"),
-                        finetune=tiny_finetune(2), rerank_k=3)
+                        finetune=shortened_finetune_stages(2), rerank_k=3)
     result = run(ZooContext(shapes_tasks, tmp_path, progress=False), preset)
     for label in SPLITS.values():
         assert set(result.metrics[label]) == set(result.baselines[label]) == ZOO_METRICS

@@ -23,7 +23,7 @@ from pydantic import model_validator
 from tessera.config import Config
 from tessera.data.datasets import ImageCache
 from tessera.data.records import SkipStats
-from tessera.eval.fusion_eval import DEFAULT_FINETUNE_STAGES, check_finetune, evaluate_fusion_model
+from tessera.eval.fusion_eval import check_finetune, evaluate_fusion_model
 from tessera.models.albef import ALBEF, ALBEF_TEXT, ALBEF_VISION, OBJECTIVES, ALBEFConfig
 from tessera.text.bert import BertConfig
 from tessera.text.tokenizer import Tokenizer
@@ -69,9 +69,6 @@ def tiny() -> ALBEFPreset:
                         data="captions", steps=600, batch_size=64, lr=5e-4, warmup_steps=30, weight_decay=0.02,
                         max_length=40, log_every=25),
         ],
-        finetune={
-            task: stage.model_copy(update={"steps": 250}) for task, stage in DEFAULT_FINETUNE_STAGES.items()
-        },
     )
 
 

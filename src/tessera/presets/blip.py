@@ -37,7 +37,7 @@ from tessera.data.datasets import ImageCache
 from tessera.data.images import ImageTransform
 from tessera.data.readers import load_meta, read_coco_captions, shapes_split_paths
 from tessera.eval.caption_metrics import CaptionScores, score_captions
-from tessera.eval.fusion_eval import DEFAULT_FINETUNE_STAGES, FINETUNE_TASKS, evaluate_fusion_model
+from tessera.eval.fusion_eval import FINETUNE_TASKS, evaluate_fusion_model
 from tessera.models.blip import BLIP, BLIP_VISION, BLIPConfig, MomentumConfig, blip_token_ids
 from tessera.models.blip import OBJECTIVES as BLIP_OBJECTIVES
 from tessera.models.vilt import LinearInit
@@ -125,8 +125,6 @@ def tiny() -> BLIPPreset:
         pretrain_stage=_stage("pretrain", 250, 64, 1e-3, 25),
         bootstrap_stage=_stage("bootstrap", 250, 64, 1e-3, 25),
         rerank_k=8,
-        finetune_stages={task: stage.model_copy(update={"steps": 150, "warmup_steps": 15})
-                         for task, stage in DEFAULT_FINETUNE_STAGES.items()},
     )
 
 

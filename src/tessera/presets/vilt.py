@@ -29,7 +29,7 @@ from torch import nn
 from tessera.config import Config
 from tessera.data.datasets import ImageCache
 from tessera.data.records import SkipStats
-from tessera.eval.fusion_eval import DEFAULT_FINETUNE_STAGES, check_finetune, evaluate_fusion_model
+from tessera.eval.fusion_eval import check_finetune, evaluate_fusion_model
 from tessera.models.vilt import ViLT, ViltConfig
 from tessera.pipeline import scaled
 from tessera.text.tokenizer import Tokenizer
@@ -68,12 +68,6 @@ class ViLTPreset(Config):
         return self
 
 
-def tiny_finetune(steps: int = 200) -> dict[str, StageConfig]:
-    """fusion_eval's fine-tuning stages, shortened for the tiny recipes' time budget."""
-    return {task: stage.model_copy(update={"steps": steps, "warmup_steps": steps // 10})
-            for task, stage in DEFAULT_FINETUNE_STAGES.items()}
-
-
 def tiny() -> ViLTPreset:
     return ViLTPreset(
         name="vilt-tiny",
@@ -84,7 +78,6 @@ def tiny() -> ViLTPreset:
                         steps=500, batch_size=32, lr=5e-4, warmup_steps=25, weight_decay=0.01, max_length=40,
                         log_every=25),
         ],
-        finetune=tiny_finetune(),
     )
 
 

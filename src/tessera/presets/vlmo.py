@@ -28,7 +28,7 @@ from pydantic import model_validator
 from tessera.config import Config
 from tessera.eval.fusion_eval import check_finetune
 from tessera.models.vlmo import VLMo, VLMoConfig, stage_trainable
-from tessera.presets.vilt import run_fusion_recipe, tiny_finetune, tokenizer_fields
+from tessera.presets.vilt import run_fusion_recipe, tokenizer_fields
 from tessera.text.tokenizer import Tokenizer
 from tessera.train.fusion_tasks import Modality
 from tessera.train.stage import StageConfig
@@ -89,7 +89,6 @@ def tiny() -> VLMoPreset:
                                      objectives={"itc": 1.0, "itm": 1.0, "mlm": 1.0}, data="captions", steps=300,
                                      batch_size=32, lr=5e-4, warmup_steps=15, weight_decay=0.01, max_length=40,
                                      log_every=25),
-        finetune=tiny_finetune(),
         rerank_k=8,
     )
 
