@@ -46,6 +46,7 @@ def tiny() -> LVLMPreset:
             # tiny LLM only saw plain text, so it is first tuned, alone and without LoRA, on the
             # instruction conversations with each image written out as its description (BLIP-2's
             # and MiniGPT-4's "llm_chat"). From the next stage on it is frozen under the adapters.
+            # VQA 0.557 -> 0.620 with this stage (instruction loss 0.45 -> 0.40; ZOO.md).
             StageConfig(name="llm_chat", trainable=["language_model"], data=DESCRIBED_INSTRUCTIONS, steps=300,
                         batch_size=32, lr=1e-3, warmup_steps=20, weight_decay=0.0, max_length=256),
             StageConfig(name="pretrain", trainable=["connector"], lora=LORA, data="llava_pretrain",
