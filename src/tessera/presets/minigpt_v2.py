@@ -4,7 +4,9 @@ Template "[INST] <Img><ImageHere></Img> [task] instruction [/INST]" with task id
 ([vqa], [caption], [grounding], [refer], [identify], [detection]; "minigpt_v2" template).
 
 Three stages as in the paper, ViT frozen and LLM frozen except the LoRA adapters throughout;
-the linear layer and the adapters train in all three (the same adapters continue):
+the linear layer and the adapters train in all three (the same adapters continue). The tiny
+recipe puts the LLM's own chat preparation before them ("llm_chat", LLM alone, no adapters):
+the paper's LLaMA-2-chat already follows instructions, the shared tiny LLM does not.
     1 "pretrain"   weakly-labelled + fine-grained data (tiny: captions, [caption])     lr 1e-4
     2 "multitask"  fine-grained data only (tiny: VQA, [vqa])                           lr 1e-5
     3 "instruct"   multimodal instruction tuning (tiny: multi-turn VQA, [vqa])        lr 1e-5
