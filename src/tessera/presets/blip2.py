@@ -56,6 +56,7 @@ from tessera.pipeline import (
     STAGE_DATA,
     PipelineResult,
     build_lvlm,
+    read_stage_conversations,
     scaled,
     stage_template,
     train_lvlm,
@@ -139,7 +140,7 @@ def tiny_qformer_stage() -> StageConfig:
 
 
 def tiny_chat_stage() -> StageConfig:
-    return StageConfig(name=CHAT, trainable=["language_model"], data="described_conversations", steps=300,
+    return StageConfig(name=CHAT, trainable=["language_model"], data=DESCRIBED_CONVERSATIONS, steps=300,
                        batch_size=32, lr=1e-3, warmup_steps=20, weight_decay=0.0, max_length=256)
 
 
@@ -284,16 +285,22 @@ def described_conversations(
     return convs, skips
 
 
-def _described_instructions(data_dir: Path, split: str, skips: SkipStats) -> list[Conversation]:
-    convs, more = described_conversations(data_dir, split, sources=("llava_instruct",))
-    skips.merge(more)
-    return convs
+def _described(sources: tuple[str, ...]) -> Callable[[Path, str, SkipStats], list[Conversation]]:
+    def read(data_dir: Path, split: str, skips: SkipStats) -> list[Conversation]:
+        convs, more = described_conversations(data_dir, split, sources=sources)
+        skips.merge(more)
+        return convs
+
+    return read
 
 
-# Stage data for a chat preparation run by train_lvlm itself (MiniGPT-v2's LLaMA-2-chat stand-in):
-# the instruction conversations with each image written out, in one task's template.
+# Stage data of the LLMs' chat preparation, registered with train_lvlm's other derived sets:
+# captions and instructions (BLIP-2's and MiniGPT-4's "llm_chat"), or the instructions alone in
+# one task's template (MiniGPT-v2's LLaMA-2-chat stand-in), each image written out.
+DESCRIBED_CONVERSATIONS = "described_conversations"
 DESCRIBED_INSTRUCTIONS = "described_instructions"
-STAGE_DATA[DESCRIBED_INSTRUCTIONS] = _described_instructions
+STAGE_DATA[DESCRIBED_CONVERSATIONS] = _described(("llava_pretrain", "llava_instruct"))
+STAGE_DATA[DESCRIBED_INSTRUCTIONS] = _described(("llava_instruct",))
 
 
 def tune_llm_chat(
@@ -313,7 +320,8 @@ def tune_llm_chat(
     teaches the Q-Former to write, as soft tokens, the context the LLM learnt to read."""
     assert recipe.chat_stage is not None
     stage = scaled(recipe.chat_stage, step_scale, seed)
-    convs, skips = described_conversations(data_dir)
+    data_dir, skips = Path(data_dir), SkipStats()
+    convs = read_stage_conversations(shapes_split_paths(data_dir, "train"), stage.data, data_dir, skips)
     size = recipe.lvlm.image_size
     tokenizer = Tokenizer.load(tokenizer_file)
     dataset = ConversationDataset(convs, tokenizer, stage_template(recipe.lvlm, None),
