@@ -177,6 +177,32 @@ def test_eval_scores_an_lvlm_checkpoint_and_writes_json(
     assert all(0.0 <= split["accuracy"] <= 1.0 for split in scores["vqa"].values())
 
 
+def test_eval_scores_a_reading_task_beside_its_baseline(
+    checkpoints: dict[str, Path], tmp_path: Path,
+) -> None:
+    data = tmp_path / "shapes"
+    assert invoke("data", "shapes", "--out", data, "--image-size", "32", *SHAPES_COUNTS).exit_code == 0
+    made = invoke("data", "reading", "--root", data, "--text-images-per-image", "0", "--charts-per-image", "0")
+    assert made.exit_code == 0, made.output
+    out = tmp_path / "rec.json"
+    result = invoke("eval", checkpoints["lvlm"], "--data", data, "--task", "rec_qwen", "--limit", "2", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "grounding_acc50 (baseline)" in result.output
+    scores = json.loads(out.read_text())
+    assert scores["task"] == "rec_qwen"
+    assert set(scores["results"]) == {"in-distribution", "compositional"}
+    for split in scores["results"].values():
+        assert split["task"] == "rec" and split["count"] == 2
+        assert set(split["scores"]) == set(split["baseline"]) >= {"grounding_acc50", "grounding_mean_iou"}
+
+
+def test_eval_names_the_allowed_reading_tasks(checkpoints: dict[str, Path], shapes_dir: Path) -> None:
+    result = invoke("eval", checkpoints["lvlm"], "--data", shapes_dir, "--task", "captions")
+    assert_fails_with(result, "unknown reading task 'captions'", "rec_qwen", "ocr")
+    result = invoke("eval", checkpoints["lvlm"], "--data", shapes_dir, "--task", "ocr")
+    assert_fails_with(result, "ocr.json not found", "tessera data reading")
+
+
 def test_eval_on_a_missing_checkpoint_exits_2(tmp_path: Path, shapes_dir: Path) -> None:
     missing = tmp_path / "missing"
     assert_fails_with(invoke("eval", missing, "--data", shapes_dir), "checkpoint not found", str(missing))

@@ -155,11 +155,16 @@ def evaluate(
     split: Annotated[list[str] | None, typer.Option(help="splits (repeat); default test and test_comp")] = None,
     out: Annotated[Path | None, typer.Option(help="write the scores as JSON here")] = None,
     limit: Annotated[int | None, typer.Option(help="at most this many questions per split")] = None,
+    task: Annotated[str, typer.Option(
+        help="vqa, or a reading task: rec_qwen, rec_cogvlm, reg_qwen, reg_cogvlm, grounded_caption_qwen, "
+             "grounded_caption_cogvlm, ocr, chart")] = "vqa",
 ) -> None:
-    """VQA accuracy (official normalisation) per question type, in-distribution and compositional."""
-    from tessera.eval.report import vqa_results_table, write_json_atomic
+    """VQA accuracy (official normalisation) per question type, in-distribution and compositional;
+    or, with --task, a reading task's metrics (grounding Acc@IoU≥0.5, OCR character error rate,
+    chart accuracy, ...) beside its trivial baseline."""
+    from tessera.eval.report import format_table, vqa_results_table, write_json_atomic
     from tessera.models.lvlm import LVLM
-    from tessera.pipeline import SPLIT_LABELS, evaluate_shapes_vqa
+    from tessera.pipeline import SPLIT_LABELS, evaluate_shapes_reading, evaluate_shapes_vqa
     from tessera.text.tokenizer import Tokenizer
     from tessera.train.checkpoint import CheckpointError, load_checkpoint
 
@@ -168,11 +173,26 @@ def evaluate(
         if not isinstance(ckpt.model, LVLM):
             raise CheckpointError(f"{checkpoint} holds a {ckpt.kind} model; VQA needs an LVLM checkpoint")
         tokenizer = Tokenizer.load(ckpt.tokenizer_path)
-        scores, seconds = evaluate_shapes_vqa(ckpt.model, tokenizer, ckpt.meta.get("template", "vicuna"), data,
-                                              splits=split or list(SPLIT_LABELS), limit=limit,
-                                              meta=ckpt.meta)
+        template = ckpt.meta.get("template", "vicuna")
+        if task != "vqa":
+            reading, seconds = evaluate_shapes_reading(ckpt.model, tokenizer, template, data, task,
+                                                       splits=split or list(SPLIT_LABELS), limit=limit,
+                                                       meta=ckpt.meta)
+        else:
+            scores, seconds = evaluate_shapes_vqa(ckpt.model, tokenizer, template, data,
+                                                  splits=split or list(SPLIT_LABELS), limit=limit, meta=ckpt.meta)
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
+    if task != "vqa":
+        rows = [{"split": label, "items": r["count"],
+                 **{f"{k} (baseline)": f"{v:.3f} ({r['baseline'][k]:.3f})" for k, v in r["scores"].items()}}
+                for label, r in reading.items()]
+        typer.echo(format_table(rows))
+        if out is not None:
+            write_json_atomic(out, {"checkpoint": str(checkpoint), "seconds": seconds, "task": task,
+                                    "results": reading})
+            typer.echo(f"written {out}")
+        return
     typer.echo(vqa_results_table(scores))
     if out is not None:
         write_json_atomic(out, {"checkpoint": str(checkpoint), "seconds": seconds,

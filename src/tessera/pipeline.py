@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -26,8 +27,9 @@ from tessera.data.readers import (
     shapes_split_paths,
 )
 from tessera.data.records import Conversation, SkipStats
-from tessera.data.shapes_reading import reading_task_paths
+from tessera.data.shapes_reading import READING_FILES, read_reading_items, reading_task_paths
 from tessera.data.templates import ChatTemplate, get_template, with_task
+from tessera.eval.grounding import evaluate_reading
 from tessera.eval.vqa_eval import evaluate_vqa
 from tessera.eval.vqa_metrics import VQAScores
 from tessera.imported_parts import import_parts
@@ -299,3 +301,36 @@ def evaluate_shapes_vqa(
         scores[SPLIT_LABELS.get(split, split)], _ = evaluate_vqa(
             model, tokenizer, template, items, images, progress=progress, desc=f"eval {split}")
     return scores, time.perf_counter() - start
+
+
+def evaluate_shapes_reading(
+    model: LVLM, tokenizer: Tokenizer, template: str, data_dir: str | Path, task_file: str, *,
+    splits: Sequence[str] = tuple(SPLIT_LABELS), limit: int | None = None, progress: bool = True,
+    skips: SkipStats | None = None, meta: dict | None = None,
+) -> tuple[dict[str, dict[str, Any]], float]:
+    """A reading-task file's scores per split (labelled like `evaluate_shapes_vqa`): for each,
+    {"task", "count", "scores", "baseline"} with the task's metrics (rec → grounding_acc50, ocr →
+    ocr_cer, ...) and the trivial baseline's, taken from the train split; and the seconds it took.
+    `task_file` is a key of `READING_FILES` ("rec_qwen", "rec_cogvlm", "ocr", "chart", ...)."""
+    if task_file not in READING_FILES:
+        raise ValueError(f"unknown reading task {task_file!r}; allowed: {sorted(READING_FILES)}")
+    start = time.perf_counter()
+    data_dir = Path(data_dir)
+    skips = skips if skips is not None else SkipStats()
+    images = ImageCache(transform_from_meta(meta or {}, model.cfg.vision.image_size), skips)
+    train_file = reading_task_paths(data_dir, "train")[task_file]
+    if not train_file.is_file():
+        raise FileNotFoundError(f"{train_file} not found: write the reading tasks with "
+                                f"`tessera data reading --root {data_dir}`")
+    train_items, train_skips = read_reading_items(train_file, data_dir)
+    skips.merge(train_skips)
+    results: dict[str, dict[str, Any]] = {}
+    for split in splits:
+        items, split_skips = read_reading_items(reading_task_paths(data_dir, split)[task_file], data_dir)
+        skips.merge(split_skips)
+        items = items[:limit] if limit else items
+        scores, baseline = evaluate_reading(model, tokenizer, template, items, train_items, images,
+                                            progress=progress, desc=f"{task_file} {split}")
+        results[SPLIT_LABELS.get(split, split)] = {"task": items[0].task, "count": len(items), "scores": scores,
+                                                   "baseline": baseline}
+    return results, time.perf_counter() - start

@@ -211,6 +211,30 @@ def score_reading_task(
     raise ValueError(f"unknown reading task {task!r}")
 
 
+def evaluate_reading(
+    model: LVLM,
+    tokenizer: Tokenizer,
+    template: ChatTemplate | str,
+    items: Sequence[ReadingItem],
+    train_items: Sequence[ReadingItem],
+    images: ImageCache,
+    *,
+    progress: bool = True,
+    desc: str = "reading",
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Greedy answers to the items' prompts scored with their task's metrics
+    (`score_reading_task`), and the same metrics of the trivial baseline taken from
+    `train_items` (`reading_baseline`): (scores, baseline)."""
+    if not items:
+        raise ValueError("evaluate_reading: no items")
+    task = items[0].task
+    mixed = sorted({it.task for it in items} - {task})
+    if mixed:
+        raise ValueError(f"evaluate_reading: items of several tasks ({task!r} and {mixed})")
+    predictions = predict_reading(model, tokenizer, template, items, images, progress=progress, desc=desc)
+    return score_reading_task(task, predictions, items), reading_baseline(task, train_items, items)
+
+
 def reading_baseline(
     task: str, train: Sequence[ReadingItem], items: Sequence[ReadingItem]
 ) -> dict[str, float]:

@@ -32,7 +32,7 @@ from tessera.data.readers import read_vqa, shapes_split_paths
 from tessera.data.records import SkipStats
 from tessera.data.shapes_reading import read_reading_items, reading_task_paths
 from tessera.data.task_readers import vqa_prior_baseline
-from tessera.eval.grounding import predict_reading, reading_baseline, score_reading_task
+from tessera.eval.grounding import evaluate_reading
 from tessera.models.lvlm import LVLM
 from tessera.pipeline import PipelineResult, evaluate_shapes_vqa, stage_template, train_lvlm
 from tessera.presets.base import PRETRAIN_STAGES, LVLMPreset
@@ -131,10 +131,9 @@ def reading_eval(file: str) -> ExtraEval:
             items = items[:limit] if limit else items
             if not items:
                 continue
-            predictions = predict_reading(model, tokenizer, stage_template(preset, file), items, images,
-                                          progress=ctx.progress, desc=f"{file} {split}")
-            metrics[label] = score_reading_task(items[0].task, predictions, items)
-            baselines[label] = reading_baseline(items[0].task, train_items, items)
+            metrics[label], baselines[label] = evaluate_reading(
+                model, tokenizer, stage_template(preset, file), items, train_items, images,
+                progress=ctx.progress, desc=f"{file} {split}")
         return metrics, baselines
 
     return evaluate
