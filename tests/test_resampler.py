@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from tessera.connectors.base import VisionTokens
-from tessera.connectors.resampler import Resampler, ResamplerConfig, grid_positions, sincos_2d
+from tessera.connectors.resampler import Resampler, ResamplerConfig
 from tessera.models.lvlm import LVLM, LVLMConfig
+from tessera.nn.positions import grid_positions, sincos_2d
 from tessera.text.llama import LlamaConfig
 from tessera.vision.vit import ViTConfig
 

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from tessera.config import Config
 from tessera.connectors.base import VisionTokens
+from tessera.nn.positions import grid_positions, sincos_2d
 from tessera.vision.vit import PoolingAttention, _pad_segments
 
 
@@ -55,28 +56,6 @@ class ResamplerConfig(Config):
     @property
     def query_grid(self) -> int:
         return math.isqrt(self.num_queries)
-
-
-def sincos_1d(positions: Tensor, dim: int) -> Tensor:
-    """(M,) float positions → (M, dim): [sin(p·ω), cos(p·ω)] with ω_k = 10000^(−k/(dim/2))."""
-    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
-    angles = positions.double()[:, None] * omega[None]
-    return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-
-def sincos_2d(rows: Tensor, cols: Tensor, dim: int) -> Tensor:
-    """(M,) row and column coordinates → (M, dim), first half from the column, second from the row."""
-    if dim % 4:
-        raise ValueError(f"2D sin-cos position encodings need a width divisible by 4, got {dim}")
-    return torch.cat([sincos_1d(cols, dim // 2), sincos_1d(rows, dim // 2)], dim=1).float()
-
-
-def grid_positions(rows: int, cols: int, frame: int) -> tuple[Tensor, Tensor]:
-    """Row and column coordinates (rows·cols,) of a rows×cols grid placed on a frame×frame grid."""
-    r = (torch.arange(rows, dtype=torch.float64) + 0.5) * frame / rows - 0.5
-    c = (torch.arange(cols, dtype=torch.float64) + 0.5) * frame / cols - 0.5
-    rr, cc = torch.meshgrid(r, c, indexing="ij")
-    return rr.reshape(-1), cc.reshape(-1)
 
 
 class Resampler(nn.Module):

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from tessera.config import Config
 from tessera.nn.attention import attention
 from tessera.nn.layers import MLP, Activation
+from tessera.nn.positions import grid_positions, sincos_2d
 from tessera.nn.transformer import EncoderLayer
 
 
@@ -57,6 +58,11 @@ class ViTConfig(Config):
     # Where post_layernorm applies: CLIP norms only the pooled class token, SigLIP every token.
     post_layernorm_on: Literal["class_token", "all_tokens"] = "class_token"
     map_head: bool = False  # SigLIP's attention-pooling head ("MAP") gives the pooled output
+    # Starting value of the learned position table: "normal" is Hugging Face CLIP's N(0, 0.02);
+    # "sincos" the fixed 2D sin-cos code (MAE) times `position_init_scale`, so that where a patch
+    # is survives into the last layer of a tiny ViT trained from scratch (see RESULTS.md).
+    position_init: Literal["normal", "sincos"] = "normal"
+    position_init_scale: float = 0.5
 
     @field_validator("image_size", "patch_size", "hidden_size", "num_layers", "num_heads", "intermediate_size")
     @classmethod
@@ -71,6 +77,10 @@ class ViTConfig(Config):
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.position_init == "sincos" and self.hidden_size % 4:
+            raise ValueError(f"position_init='sincos' needs a hidden_size divisible by 4, got {self.hidden_size}")
+        if self.position_init_scale <= 0:
+            raise ValueError(f"position_init_scale must be positive, got {self.position_init_scale}")
         if self.map_head and self.post_layernorm_on != "all_tokens":
             raise ValueError("map_head pools the post-normed tokens: it needs post_layernorm_on='all_tokens'")
         return self
@@ -187,6 +197,11 @@ class VisionEmbeddings(nn.Module):
         # content: a tiny ViT trained from scratch then learns colour at once but object shape
         # only slowly (measured on ShapesWorld, see RESULTS.md).
         nn.init.normal_(self.position_embedding.weight, std=0.02)
+        if cfg.position_init == "sincos":
+            # Each row has norm √(E/2)·scale (E/4 sin-cos pairs per axis), comparable with a patch's content.
+            code = sincos_2d(*grid_positions(cfg.grid, cfg.grid, cfg.grid), cfg.hidden_size)
+            with torch.no_grad():
+                self.position_embedding.weight[int(cfg.class_token):] = code * cfg.position_init_scale
 
     def positions(self, rows: int, cols: int) -> Tensor:
         """(S, E) position embeddings for a rows×cols patch grid, bicubic-interpolated when it
