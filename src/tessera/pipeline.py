@@ -304,14 +304,16 @@ def evaluate_shapes_vqa(
 
 
 def evaluate_shapes_reading(
-    model: LVLM, tokenizer: Tokenizer, template: str, data_dir: str | Path, task_file: str, *,
-    splits: Sequence[str] = tuple(SPLIT_LABELS), limit: int | None = None, progress: bool = True,
-    skips: SkipStats | None = None, meta: dict | None = None,
+    model: LVLM, tokenizer: Tokenizer, template: ChatTemplate | str, data_dir: str | Path, task_file: str, *,
+    splits: Sequence[str] = tuple(SPLIT_LABELS), limit: int | Callable[[int], int | None] | None = None,
+    progress: bool = True, skips: SkipStats | None = None, meta: dict | None = None,
 ) -> tuple[dict[str, dict[str, Any]], float]:
     """A reading-task file's scores per split (labelled like `evaluate_shapes_vqa`): for each,
     {"task", "count", "scores", "baseline"} with the task's metrics (rec → grounding_acc50, ocr →
     ocr_cer, ...) and the trivial baseline's, taken from the train split; and the seconds it took.
-    `task_file` is a key of `READING_FILES` ("rec_qwen", "rec_cogvlm", "ocr", "chart", ...)."""
+    `task_file` is a key of `READING_FILES` ("rec_qwen", "rec_cogvlm", "ocr", "chart", ...).
+    `limit` caps the items per split, or maps a split's item count to its cap; a split left
+    without items is left out."""
     if task_file not in READING_FILES:
         raise ValueError(f"unknown reading task {task_file!r}; allowed: {sorted(READING_FILES)}")
     start = time.perf_counter()
@@ -328,7 +330,10 @@ def evaluate_shapes_reading(
     for split in splits:
         items, split_skips = read_reading_items(reading_task_paths(data_dir, split)[task_file], data_dir)
         skips.merge(split_skips)
-        items = items[:limit] if limit else items
+        cap = limit(len(items)) if callable(limit) else limit
+        items = items[:cap] if cap else items
+        if not items:
+            continue
         scores, baseline = evaluate_reading(model, tokenizer, template, items, train_items, images,
                                             progress=progress, desc=f"{task_file} {split}")
         results[SPLIT_LABELS.get(split, split)] = {"task": items[0].task, "count": len(items), "scores": scores,

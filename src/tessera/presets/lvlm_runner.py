@@ -26,15 +26,19 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tessera.data.datasets import ImageCache
-from tessera.data.images import ImageTransform
 from tessera.data.readers import read_vqa, shapes_split_paths
 from tessera.data.records import SkipStats
-from tessera.data.shapes_reading import read_reading_items, reading_task_paths
+from tessera.data.shapes_reading import reading_task_paths
 from tessera.data.task_readers import vqa_prior_baseline
-from tessera.eval.grounding import evaluate_reading
 from tessera.models.lvlm import LVLM
-from tessera.pipeline import PipelineResult, evaluate_shapes_vqa, stage_template, train_lvlm
+from tessera.pipeline import (
+    SPLIT_LABELS,
+    PipelineResult,
+    evaluate_shapes_reading,
+    evaluate_shapes_vqa,
+    stage_template,
+    train_lvlm,
+)
 from tessera.presets.base import PRETRAIN_STAGES, LVLMPreset
 from tessera.text.tokenizer import Tokenizer
 from tessera.zoo.core import SPLITS, ZooContext, ZooResult, ZooRunner
@@ -117,23 +121,19 @@ def reading_eval(file: str) -> ExtraEval:
 
     def evaluate(model: LVLM, tokenizer: Tokenizer, preset: LVLMPreset, ctx: ZooContext
                  ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
-        train_file = reading_task_paths(ctx.data_dir, "train")[file]
-        if not train_file.is_file():
+        if not reading_task_paths(ctx.data_dir, "train")[file].is_file():
             return {}, {}
-        train_items, _ = read_reading_items(train_file, ctx.data_dir)
         size = preset.image_size
-        images = ImageCache(ImageTransform(size=(size, size)), SkipStats())
+        results, _ = evaluate_shapes_reading(
+            model, tokenizer, stage_template(preset, file), ctx.data_dir, file, splits=list(SPLITS),
+            limit=lambda count: eval_limit(ctx.scale, count), progress=ctx.progress,
+            meta={"image_size": [size, size]})
         metrics: dict[str, dict[str, float]] = {}
         baselines: dict[str, dict[str, float]] = {}
         for split, label in SPLITS.items():
-            items, _ = read_reading_items(reading_task_paths(ctx.data_dir, split)[file], ctx.data_dir)
-            limit = eval_limit(ctx.scale, len(items))
-            items = items[:limit] if limit else items
-            if not items:
-                continue
-            metrics[label], baselines[label] = evaluate_reading(
-                model, tokenizer, stage_template(preset, file), items, train_items, images,
-                progress=ctx.progress, desc=f"{file} {split}")
+            result = results.get(SPLIT_LABELS[split])
+            if result is not None:
+                metrics[label], baselines[label] = result["scores"], result["baseline"]
         return metrics, baselines
 
     return evaluate
