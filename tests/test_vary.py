@@ -44,6 +44,57 @@ def test_neck_gives_a_fixed_token_grid() -> None:
         model([torch.randn(3, 62, 64)])
 
 
+def _sam_names(name: str) -> str:
+    """A Tessera ViTDet parameter name → Hugging Face SamVisionEncoder's."""
+    for ours, theirs in (("blocks.", "layers."), (".norm1.", ".layer_norm1."), (".norm2.", ".layer_norm2."),
+                         ("patch_embed.proj.", "patch_embed.projection."), ("neck.0.", "neck.conv1."),
+                         ("neck.1.", "neck.layer_norm1."), ("neck.2.", "neck.conv2."), ("neck.3.", "neck.layer_norm2.")):
+        name = name.replace(ours, theirs)
+    return name
+
+
+@pytest.mark.parametrize("use_rel_pos", [True, False])
+def test_encoder_matches_transformers_sam_with_the_same_weights(use_rel_pos: bool) -> None:
+    transformers = pytest.importorskip("transformers")
+    hf_cfg = transformers.SamVisionConfig(hidden_size=32, output_channels=16, num_hidden_layers=3,
+                                          num_attention_heads=2, image_size=40, patch_size=4, window_size=4,
+                                          global_attn_indexes=[1], use_rel_pos=use_rel_pos, mlp_dim=64)
+    torch.manual_seed(0)
+    theirs = transformers.SamVisionModel(hf_cfg).vision_encoder.eval()
+    with torch.no_grad():
+        for p in theirs.parameters():  # HF initialises pos / rel-pos tables to zero: make them count
+            p.normal_(0, 0.3)
+    ours = ViTDet(ViTDetConfig(image_size=40, patch_size=4, hidden_size=32, num_layers=3, num_heads=2,
+                               intermediate_size=64, window_size=4, global_attn_indexes=(1,),
+                               use_rel_pos=use_rel_pos, neck_channels=16)).eval()
+    state = theirs.state_dict()
+    mine = {n: state[_sam_names(n)] for n in ours.state_dict() if not n.startswith(("net_2", "net_3"))}
+    missing = ours.load_state_dict(mine, strict=False).missing_keys
+    assert sorted(missing) == ["net_2.weight", "net_3.weight"]
+    pixels = torch.randn(2, 3, 40, 40)  # a 10x10 grid: windows of 4 are padded, as SAM pads them
+    with torch.no_grad():
+        expected = theirs(pixels).last_hidden_state
+        got = ours.neck_map(pixels)
+    assert got.shape == expected.shape == (2, 16, 10, 10)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_relative_positions_make_attention_depend_on_offsets() -> None:
+    cfg = ViTDetConfig(image_size=16, patch_size=4, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
+                       window_size=0, global_attn_indexes=(0,), use_rel_pos=True, neck_channels=8,
+                       downsample_channels=(8, 8))
+    attn = ViTDet(cfg).blocks[0].attn
+    assert attn.rel_pos_h.shape == attn.rel_pos_w.shape == (7, 8)  # 2 * 4 - 1 offsets, head dim 8
+    q = torch.randn(1, 2, 16, 8)
+    with torch.no_grad():
+        attn.rel_pos_h.normal_()
+        attn.rel_pos_w.normal_()
+    bias = attn.relative_bias(q, 4, 4).view(1, 2, 4, 4, 4, 4)  # query (i, j), key (k, l)
+    # query (1, 2) to key (3, 0): row offset -2, column offset +2 (table index offset + 3)
+    expected = q[0, :, 1 * 4 + 2] @ attn.rel_pos_h[1 - 3 + 3] + q[0, :, 1 * 4 + 2] @ attn.rel_pos_w[2 - 0 + 3]
+    torch.testing.assert_close(bias[0, :, 1, 2, 3, 0], expected)
+
+
 def test_window_partition_round_trip_with_padding() -> None:
     x = torch.randn(2, 6, 7, 5)
     windows, padded = window_partition(x, 4)

@@ -33,6 +33,7 @@ def attention(
     cu_seqlens: Tensor | None = None,
     key_padding_mask: Tensor | None = None,
     attn_mask: Tensor | None = None,
+    bias: Tensor | None = None,
     dropout_p: float = 0.0,
 ) -> Tensor:
     """Scaled dot-product attention over padded or packed sequences.
@@ -40,17 +41,26 @@ def attention(
     q: (B, Hq, Lq, D); k, v: (B, Hkv, Lk, D). Returns (B, Hq, Lq, D).
     key_padding_mask: (B, Lk) bool, True = real key. attn_mask: (B or 1, 1 or Hq, Lq, Lk)
     bool (True = may attend), for masks no flag expresses (e.g. the Q-Former's); it is
-    combined with the others.
+    combined with the others. bias: a float tensor broadcastable to (B, Hq, Lq, Lk) added to
+    the scaled logits (SAM's decomposed relative positions); masked keys stay masked.
     """
     if cu_seqlens is not None:
         if q.shape[0] != 1 or q.shape[2] != k.shape[2]:
             raise ValueError("packed attention needs B == 1 and Lq == Lk (no KV cache)")
-        if key_padding_mask is not None or attn_mask is not None:
-            raise ValueError("packed attention takes no extra mask: segments are the mask")
+        if key_padding_mask is not None or attn_mask is not None or bias is not None:
+            raise ValueError("packed attention takes no extra mask or bias: segments are the mask")
         return _packed_attention(q, k, v, cu_seqlens, causal, dropout_p)
 
     lq, lk = q.shape[2], k.shape[2]
     enable_gqa = q.shape[1] != k.shape[1]
+    if bias is not None:
+        if not bias.is_floating_point():
+            raise TypeError("bias must be a float tensor (a boolean mask goes in attn_mask)")
+        if key_padding_mask is not None or attn_mask is not None or causal:
+            allowed = _combine_masks(q, lq, lk, causal, key_padding_mask, attn_mask)
+            bias = torch.where(allowed, bias, torch.tensor(float("-inf"), dtype=bias.dtype, device=bias.device))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout_p,
+                                              enable_gqa=enable_gqa)
     if key_padding_mask is None and attn_mask is None:
         if not causal or lq == 1:
             # A single query at the end of the cache may see every key.

@@ -134,7 +134,7 @@ def paper() -> dict[str, Config]:
         "extra_towers": [VisionBranchConfig(
             vision=ViTDetConfig(image_size=1024, patch_size=16, hidden_size=768, num_layers=12, num_heads=12,
                                 intermediate_size=3072, window_size=14, global_attn_indexes=(2, 5, 8, 11),
-                                neck_channels=256, downsample_channels=(512, 1024)),
+                                use_rel_pos=True, neck_channels=256, downsample_channels=(512, 1024)),
             connector=ProjectorConfig(kind="linear"))],
         "tower_merge": "channels",
         "llm": LlamaConfig(vocab_size=151936, hidden_size=4096, intermediate_size=11008, num_layers=32,

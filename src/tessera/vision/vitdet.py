@@ -7,12 +7,17 @@ SAM does, and the padding is attended to, as SAM does), a few (`global_attn_inde
 over the whole grid. The neck maps the width down to `neck_channels` (1×1 conv + LayerNorm2d,
 3×3 conv + LayerNorm2d), then Vary's two stride-2 3×3 convs halve the grid twice while widening
 the channels: SAM-base at 1024 px gives a 64×64×256 map and Vary turns it into 16×16 = 256
-tokens of width 1024. Every attention call is `tessera.nn.attention.attention`; SAM's
-decomposed relative positions (an additive bias that function does not take) are left out,
-absolute positions (interpolated for other input sizes) remain.
+tokens of width 1024. Every attention call is `tessera.nn.attention.attention`. Positions:
+absolute (`pos_embed`, interpolated for other input sizes) and, with `use_rel_pos` (SAM's
+setting), SAM's decomposed relative positions: per block, a table per axis of 2·size − 1 rows
+(size = the window, or the whole grid in global blocks) whose rows are looked up by each
+query-key offset, dotted with the (unscaled) query and added to the attention logits. They
+make attention depend on where a key is relative to the query, which a from-scratch tiny
+encoder needs to read text at any place (RESULTS.md, session 10).
 
 Parameter names follow SAM's ImageEncoderViT as Vary ships it: patch_embed.proj, pos_embed,
-blocks.N.{norm1, attn.qkv, attn.proj, norm2, mlp.lin1, mlp.lin2}, neck.{0,1,2,3}, net_2, net_3.
+blocks.N.{norm1, attn.qkv, attn.proj, attn.rel_pos_h, attn.rel_pos_w, norm2, mlp.lin1, mlp.lin2},
+neck.{0,1,2,3}, net_2, net_3.
 
 Shapes:
     N   images, (3, H, W) each, H and W multiples of the patch size p
@@ -49,6 +54,7 @@ class ViTDetConfig(Config):
     num_channels: int = 3
     window_size: int = 4  # 0: every block global
     global_attn_indexes: tuple[int, ...] = (1, 3)
+    use_rel_pos: bool = False  # SAM's decomposed relative positions (SAM and Vary: True)
     neck_channels: int = 32
     downsample_channels: tuple[int, int] = (64, 128)  # Vary's net_2 and net_3
 
@@ -114,19 +120,48 @@ class PatchEmbed(nn.Module):
         return self.proj(x).permute(0, 2, 3, 1)
 
 
-class WindowAttention(nn.Module):
-    """Multi-head self-attention over (N, h, w, E) maps, with SAM's fused qkv projection."""
+def relative_table(q_size: int, k_size: int, table: Tensor) -> Tensor:
+    """(q_size, k_size, D): the row of `table` ((2·size − 1, D), offset −(size − 1) first) for
+    each query-key offset along one axis; the table is linearly resized when the axis has
+    another length than it was made for, and offsets are scaled when q and k lengths differ
+    (SAM's get_rel_pos)."""
+    rows = 2 * max(q_size, k_size) - 1
+    if table.shape[0] != rows:
+        table = F.interpolate(table.t()[None], size=rows, mode="linear")[0].t()
+    q_coords = torch.arange(q_size, device=table.device)[:, None] * max(k_size / q_size, 1.0)
+    k_coords = torch.arange(k_size, device=table.device)[None, :] * max(q_size / k_size, 1.0)
+    offsets = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
+    return table[offsets.long()]
 
-    def __init__(self, dim: int, num_heads: int) -> None:
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention over (N, h, w, E) maps, with SAM's fused qkv projection and,
+    given `rel_pos_size` (the (h, w) it attends over), SAM's decomposed relative positions."""
+
+    def __init__(self, dim: int, num_heads: int, rel_pos_size: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
+        self.use_rel_pos = rel_pos_size is not None
+        if rel_pos_size is not None:
+            head_dim = dim // num_heads
+            self.rel_pos_h = nn.Parameter(torch.zeros(2 * rel_pos_size[0] - 1, head_dim))
+            self.rel_pos_w = nn.Parameter(torch.zeros(2 * rel_pos_size[1] - 1, head_dim))
+
+    def relative_bias(self, q: Tensor, h: int, w: int) -> Tensor:
+        """(n, H, h·w, h·w) bias: query (i, j) to key (k, l) gets q·Rh[i−k] + q·Rw[j−l]."""
+        n, heads, _, d = q.shape
+        r_q = q.reshape(n, heads, h, w, d)
+        rel_h = torch.einsum("nHhwd,hkd->nHhwk", r_q, relative_table(h, h, self.rel_pos_h).to(q.dtype))
+        rel_w = torch.einsum("nHhwd,wkd->nHhwk", r_q, relative_table(w, w, self.rel_pos_w).to(q.dtype))
+        return (rel_h[..., :, None] + rel_w[..., None, :]).reshape(n, heads, h * w, h * w)
 
     def forward(self, x: Tensor) -> Tensor:
         n, h, w, dim = x.shape
         q, k, v = self.qkv(x).view(n, h * w, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = attention(q, k, v, causal=False)  # (n, H, h·w, D)
+        bias = self.relative_bias(q, h, w) if self.use_rel_pos else None
+        out = attention(q, k, v, causal=False, bias=bias)  # (n, H, h·w, D)
         return self.proj(out.transpose(1, 2).reshape(n, h, w, dim))
 
 
@@ -165,7 +200,8 @@ class Block(nn.Module):
         super().__init__()
         self.window = window  # 0: global attention
         self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.attn = WindowAttention(cfg.hidden_size, cfg.num_heads)
+        size = (window, window) if window else (cfg.grid, cfg.grid)
+        self.attn = WindowAttention(cfg.hidden_size, cfg.num_heads, size if cfg.use_rel_pos else None)
         self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = MLPBlock(cfg.hidden_size, cfg.intermediate_size, cfg.act)
 
@@ -219,13 +255,17 @@ class ViTDet(nn.Module):
                               align_corners=False)
         return table.permute(0, 2, 3, 1)
 
-    def feature_map(self, pixels: Tensor, num_layers: int | None = None) -> Tensor:
-        """(N, 3, H, W) of one size → (N, C, rows, cols) after the neck and the two stride-2 convs."""
+    def neck_map(self, pixels: Tensor, num_layers: int | None = None) -> Tensor:
+        """(N, 3, H, W) of one size → (N, neck_channels, H/p, W/p): SAM's image embedding."""
         x = self.patch_embed(pixels.to(self.pos_embed.dtype))
         x = x + self.positions(x.shape[1], x.shape[2]).to(x.dtype)
         for block in self.blocks[: self.cfg.num_layers if num_layers is None else num_layers]:
             x = block(x)
-        return self.net_3(self.net_2(self.neck(x.permute(0, 3, 1, 2))))
+        return self.neck(x.permute(0, 3, 1, 2))
+
+    def feature_map(self, pixels: Tensor, num_layers: int | None = None) -> Tensor:
+        """(N, 3, H, W) of one size → (N, C, rows, cols) after the neck and Vary's two stride-2 convs."""
+        return self.net_3(self.net_2(self.neck_map(pixels, num_layers)))
 
     def forward(self, images: Sequence[Tensor] | Tensor, num_layers: int | None = None) -> VisionOutput:
         """Encode a list of (3, H, W) images; hidden (T, C) holds each image's output tokens in
