@@ -169,8 +169,15 @@ def test_eval_scores_an_lvlm_checkpoint_and_writes_json(
     checkpoints: dict[str, Path], shapes_dir: Path, tmp_path: Path,
 ) -> None:
     out = tmp_path / "scores.json"
-    result = invoke("eval", checkpoints["lvlm"], "--data", shapes_dir, "--limit", "3", "--out", out)
+    threads = torch.get_num_threads()
+    try:
+        result = invoke("eval", checkpoints["lvlm"], "--data", shapes_dir, "--limit", "3", "--out", out,
+                        "--threads", "1")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
     assert result.exit_code == 0, result.output
+    assert invoke("eval", checkpoints["lvlm"], "--data", shapes_dir, "--threads", "0").exit_code == 2
     assert "in-distribution" in result.output and "compositional" in result.output
     scores = json.loads(out.read_text())
     assert set(scores["vqa"]) == {"in-distribution", "compositional"}

@@ -158,10 +158,15 @@ def evaluate(
     task: Annotated[str, typer.Option(
         help="vqa, or a reading task: rec_qwen, rec_cogvlm, reg_qwen, reg_cogvlm, grounded_caption_qwen, "
              "grounded_caption_cogvlm, ocr, chart")] = "vqa",
+    threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads (default: torch's)")] = None,
 ) -> None:
     """VQA accuracy (official normalisation) per question type, in-distribution and compositional;
     or, with --task, a reading task's metrics (grounding Acc@IoU≥0.5, OCR character error rate,
     chart accuracy, ...) beside its trivial baseline."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     from tessera.eval.report import format_table, vqa_results_table, write_json_atomic
     from tessera.models.lvlm import LVLM
     from tessera.pipeline import SPLIT_LABELS, evaluate_shapes_reading, evaluate_shapes_vqa
