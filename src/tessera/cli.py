@@ -179,13 +179,13 @@ def evaluate(
             raise CheckpointError(f"{checkpoint} holds a {ckpt.kind} model; VQA needs an LVLM checkpoint")
         tokenizer = Tokenizer.load(ckpt.tokenizer_path)
         template = ckpt.meta.get("template", "vicuna")
+        splits = split or list(SPLIT_LABELS)
         if task != "vqa":
             reading, seconds = evaluate_shapes_reading(ckpt.model, tokenizer, template, data, task,
-                                                       splits=split or list(SPLIT_LABELS), limit=limit,
-                                                       meta=ckpt.meta)
+                                                       splits=splits, limit=limit, meta=ckpt.meta)
         else:
             scores, seconds = evaluate_shapes_vqa(ckpt.model, tokenizer, template, data,
-                                                  splits=split or list(SPLIT_LABELS), limit=limit, meta=ckpt.meta)
+                                                  splits=splits, limit=limit, meta=ckpt.meta)
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
     if task != "vqa":
