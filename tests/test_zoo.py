@@ -187,7 +187,7 @@ def test_cli(tmp_path: Path, zoo_data: Path, fake_presets: dict[str, list[ZooCon
 
 
 def test_smoke_run_of_the_clip_preset(zoo_data: Path, tmp_path: Path) -> None:
-    run = run_zoo(["clip"], tmp_path, scale=0.02, data_dir=zoo_data, progress=False, log=None)
+    run = run_zoo(["clip"], tmp_path, scale=0.004, data_dir=zoo_data, progress=False, log=None)
     assert run.failed == [], run.results["clip"].get("traceback")
     result = json.loads((tmp_path / "clip" / "results.json").read_text())
     assert set(result) >= {"status", "metrics", "baselines", "trainable_params_by_stage", "seconds_by_stage",
@@ -195,5 +195,5 @@ def test_smoke_run_of_the_clip_preset(zoo_data: Path, tmp_path: Path) -> None:
     for label in (ID, COMP):
         assert {"retrieval_i2t_r1", "retrieval_t2i_r1", "zeroshot_top1"} <= set(result["metrics"][label])
         assert set(result["metrics"][label]) == set(result["baselines"][label])
-    assert result["notes"]["steps_by_stage"] == {"clip": 6}  # 300 steps × 0.02
+    assert result["notes"]["steps_by_stage"] == {"clip": 6}  # 1,500 steps × 0.004
     assert "| clip | " in (tmp_path / "ZOO.md").read_text()
