@@ -25,6 +25,7 @@ from tessera.data.datasets import ImageCache
 from tessera.data.records import SkipStats
 from tessera.eval.fusion_eval import check_finetune, evaluate_fusion_model
 from tessera.models.albef import ALBEF, ALBEF_TEXT, ALBEF_VISION, OBJECTIVES, ALBEFConfig
+from tessera.pipeline import scaled
 from tessera.text.bert import BertConfig
 from tessera.text.tokenizer import Tokenizer
 from tessera.train.fusion_tasks import (
@@ -115,11 +116,6 @@ def model_config_for(preset: ALBEFPreset, tokenizer: Tokenizer, alpha_ramp_steps
     return ALBEFConfig.parse(data, where=f"preset {preset.name}")
 
 
-def scaled(stage: StageConfig, scale: float) -> StageConfig:
-    steps = max(2, round(stage.steps * scale))
-    return stage.model_copy(update={"steps": steps, "warmup_steps": min(round(stage.warmup_steps * scale), steps - 1)})
-
-
 def run(ctx: ZooContext, preset: ALBEFPreset | None = None) -> ZooResult:
     """Train the tiny recipe on ctx.data_dir and evaluate retrieval, VQA, reasoning and entailment."""
     preset = preset or tiny()
@@ -129,7 +125,7 @@ def run(ctx: ZooContext, preset: ALBEFPreset | None = None) -> ZooResult:
     tokenizer = train_fusion_tokenizer(ctx.data_dir, preset.tokenizer_vocab_size)
     tokenizer_file = tokenizer.save(out / "tokenizer")
     images = ImageCache(shapes_transform(ctx.data_dir, preset.model.vision.image_size), SkipStats())
-    stages = [scaled(s, ctx.scale).model_copy(update={"seed": ctx.seed}) for s in preset.stages]
+    stages = [scaled(s, ctx.scale, ctx.seed) for s in preset.stages]
     model: ALBEF | None = None
     seconds: dict[str, float] = {}
     trainable: dict[str, int] = {}

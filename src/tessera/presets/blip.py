@@ -41,6 +41,7 @@ from tessera.eval.fusion_eval import FINETUNE_TASKS, evaluate_fusion_model
 from tessera.models.blip import BLIP, BLIP_VISION, BLIPConfig, MomentumConfig, blip_token_ids
 from tessera.models.blip import OBJECTIVES as BLIP_OBJECTIVES
 from tessera.models.vilt import LinearInit
+from tessera.pipeline import scaled
 from tessera.text.bert import BertConfig
 from tessera.text.tokenizer import Tokenizer
 from tessera.train.fusion_tasks import (
@@ -255,11 +256,7 @@ def run(ctx: ZooContext, preset: BLIPPreset | None = None) -> ZooResult:
     notes["web_captions"] = corrupted
     seconds["data"] = time.perf_counter() - start
 
-    def scaled(stage: StageConfig) -> StageConfig:
-        steps = max(2, round(stage.steps * ctx.scale))
-        return stage.model_copy(update={"steps": steps, "warmup_steps": min(stage.warmup_steps, steps - 1)})
-
-    stage_a = scaled(preset.pretrain_stage)
+    stage_a = scaled(preset.pretrain_stage, ctx.scale, ctx.seed)
     model_a, result_a = train_blip(preset, stage_a, tokenizer, tokenizer_file, noisy_file, noisy_file.parent,
                                    transform, out / "model_a", seed=ctx.seed, progress=ctx.progress)
     seconds["pretrain_noisy"], params["pretrain_noisy"] = result_a.seconds, result_a.trainable.trainable
@@ -274,7 +271,7 @@ def run(ctx: ZooContext, preset: BLIPPreset | None = None) -> ZooResult:
     seconds["capfilt"] = time.perf_counter() - start
     notes["capfilt"] = _capfilt_note(summary)
 
-    stage_b = scaled(preset.bootstrap_stage)
+    stage_b = scaled(preset.bootstrap_stage, ctx.scale, ctx.seed)
     model_b, result_b = train_blip(preset, stage_b, tokenizer, tokenizer_file, capfilt_dir / "train" / "captions.json",
                                    capfilt_dir, transform, out / "model_b", seed=ctx.seed + 1, progress=ctx.progress)
     seconds["pretrain_capfilt"], params["pretrain_capfilt"] = result_b.seconds, result_b.trainable.trainable
