@@ -44,6 +44,25 @@ def test_neck_gives_a_fixed_token_grid() -> None:
         model([torch.randn(3, 62, 64)])
 
 
+def test_conv_stem_keeps_the_patch_grid_and_sees_neighbouring_pixels() -> None:
+    stem_cfg = vary.tiny_vocabulary_network()
+    assert stem_cfg.patch_embed == "conv_stem" and vary.paper()["extra_towers"][0].vision.patch_embed == "patch"
+    patch_cfg = stem_cfg.model_copy(update={"patch_embed": "patch"})
+    stem, patch = ViTDet(stem_cfg).eval(), ViTDet(patch_cfg).eval()
+    names = set(dict(stem.named_parameters()))
+    assert not any(n.startswith("patch_embed.proj") for n in names) and "patch_embed.stem.0.weight" in names
+    x = torch.randn(2, 3, 64, 48)
+    assert stem.patch_embed(x).shape == patch.patch_embed(x).shape == (2, 16, 12, 64)
+    # A pixel changed in patch (0, 0) reaches patch (0, 1) through the 3×3 stem, never through SAM's p×p convolution.
+    y = x.clone()
+    y[:, :, 2, 3] += 1.0
+    with torch.no_grad():
+        assert not torch.allclose(stem.patch_embed(x)[:, 0, 1], stem.patch_embed(y)[:, 0, 1])
+        assert torch.equal(patch.patch_embed(x)[:, 0, 1], patch.patch_embed(y)[:, 0, 1])
+    with pytest.raises(ValueError, match="power of 2"):
+        ViTDetConfig(image_size=60, patch_size=6, patch_embed="conv_stem")
+
+
 def _sam_names(name: str) -> str:
     """A Tessera ViTDet parameter name → Hugging Face SamVisionEncoder's."""
     for ours, theirs in (("blocks.", "layers."), (".norm1.", ".layer_norm1."), (".norm2.", ".layer_norm2."),
