@@ -15,7 +15,7 @@ query-key offset, dotted with the (unscaled) query and added to the attention lo
 make attention depend on where a key is relative to the query; on rendered text a from-scratch
 tiny encoder generalises better with them (first-word probe 0.23 → 0.36; RESULTS.md, session 10).
 
-Parameter names follow SAM's ImageEncoderViT as Vary ships it: patch_embed.proj, pos_embed,
+Parameter names follow SAM's ImageEncoderViT as Vary ships it: patch_embed.proj (or patch_embed.stem.*), pos_embed,
 blocks.N.{norm1, attn.qkv, attn.proj, attn.rel_pos_h, attn.rel_pos_w, norm2, mlp.lin1, mlp.lin2},
 neck.{0,1,2,3}, net_2, net_3.
 
