@@ -100,7 +100,7 @@ def test_objects_counts_boxes_and_no_overlap(dataset: tuple[Path, dict[str, Any]
     width, height = meta["image_width"], meta["image_height"]
     for split in SPLITS:
         for objects in _objects_by_image(root, split).values():
-            assert 1 <= len(objects) <= 6
+            assert len(objects) in range(1, 7), f"{split}: a scene with {len(objects)} objects"
             for o in objects:
                 x0, y0, x1, y1 = o["box"]
                 assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
