@@ -254,3 +254,19 @@ def test_train_clip_stage_with_hard_negatives(tmp_path: Path, shapes_dir: Path) 
     assert result.exit_code == 0, result.output
     assert "clip: 3 steps" in result.output
     assert (tmp_path / "run" / "clip" / "final" / "model.safetensors").is_file()
+
+
+def test_the_tiny_vit_exports_only_with_clips_patch_embedding(tmp_path: Path, shapes_dir: Path) -> None:
+    """The tiny presets' ViT reads through a conv stem that CLIP lacks: export-hf refuses it by name, and
+    `--vit-patch-embed patch` trains the exportable one."""
+    for embed in ("conv_stem", "patch"):
+        result = invoke("train", "--data", shapes_dir, "--out", tmp_path / embed, "--stage", "clip",
+                        "--vit-patch-embed", embed, "--step-scale", "0.005")
+        assert result.exit_code == 0, result.output
+    refused = invoke("export-hf", tmp_path / "conv_stem" / "clip" / "final", tmp_path / "hf-stem")
+    assert_fails_with(refused, "patch_embed='conv_stem'", "--vit-patch-embed patch")
+    exported = invoke("export-hf", tmp_path / "patch" / "clip" / "final", tmp_path / "hf-patch")
+    assert exported.exit_code == 0, exported.output
+    assert (tmp_path / "hf-patch" / "config.json").is_file()
+    bad = invoke("train", "--data", shapes_dir, "--out", tmp_path / "bad", "--vit-patch-embed", "conv")
+    assert_fails_with(bad, "patch_embed")

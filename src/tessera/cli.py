@@ -108,6 +108,9 @@ def train(
     clip_grayscale: Annotated[float | None, typer.Option(
         help="clip stage: fraction of images shown in grayscale with colour words dropped from their texts; "
              "default: the preset's")] = None,
+    vit_patch_embed: Annotated[str | None, typer.Option(
+        help="the ViT's patch embedding: conv_stem (the tiny presets') or patch (CLIP's single convolution, "
+             "which export-hf needs); default: the preset's")] = None,
     vision_from: Annotated[Path | None, typer.Option(
         help="Hugging Face or Tessera folder of a vision tower (CLIP / SigLIP) to use instead of the "
              "preset's ViT; stage clip is then not run")] = None,
@@ -120,6 +123,7 @@ def train(
     """Train the LLaVA pipeline: CLIP-style ViT, LM, then LLaVA stages 1 (align) and 2 (instruct)."""
     from tessera.pipeline import train_llava
     from tessera.presets.llava import get_preset
+    from tessera.vision.vit import ViTConfig
 
     stages = stage or None  # None: all stages, less those of imported parts
     resume_map = None
@@ -135,6 +139,9 @@ def train(
             chosen = chosen.model_copy(update={"clip_grayscale": clip_grayscale})
         if template is not None:
             chosen = chosen.model_copy(update={"template": template})
+        if vit_patch_embed is not None:
+            vision = ViTConfig.model_validate({**chosen.vision.model_dump(), "patch_embed": vit_patch_embed})
+            chosen = chosen.model_copy(update={"vision": vision})
         result = train_llava(chosen, data, out, stages=stages, step_scale=step_scale, seed=seed, resume=resume_map,
                              vision_from=vision_from, language_from=language_from)
     except (ValueError, FileNotFoundError) as err:

@@ -815,6 +815,9 @@ DECODER_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM
 
 def vit_config_to_hf(cfg: ViTConfig) -> dict[str, Any]:
     """ViTConfig → a CLIPVisionConfig or SiglipVisionConfig dict, whichever computes it."""
+    if cfg.patch_embed != "patch":
+        raise ValueError(f"cannot export: patch_embed={cfg.patch_embed!r}; CLIP and SigLIP vision towers have "
+                         "only the single patch convolution ('patch'; `tessera train --vit-patch-embed patch`)")
     d: dict[str, Any] = {
         "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size,

@@ -201,7 +201,7 @@ class VLMo(nn.Module):
         ve = self.vision_embeddings
 
         def embed(pixels: Tensor) -> Tensor:
-            x = ve.patch_embedding(pixels.to(ve.patch_embedding.weight.dtype))  # (n, E, h, w)
+            x = ve.embed_patches(pixels)  # (n, E, h, w)
             rows, cols = x.shape[-2:]
             x = x.flatten(2).transpose(1, 2)
             if patch_mask is not None:

@@ -222,8 +222,8 @@ def lvlm_from_stage1(recipe: Blip2Recipe, pretrained: Path, stage1: Blip2QFormer
     model.vision_tower.load_state_dict(load_checkpoint(pretrained / "clip" / "final").model.vision_model.state_dict())
     model.language_model.load_state_dict(load_checkpoint(pretrained / "lm" / "final").model.state_dict())
     assert isinstance(model.connector, QFormerConnector)
-    if not torch.equal(model.vision_tower.state_dict()["embeddings.patch_embedding.weight"],
-                       stage1.vision_model.state_dict()["embeddings.patch_embedding.weight"]):
+    ours, theirs = model.vision_tower.state_dict(), stage1.vision_model.state_dict()
+    if ours.keys() != theirs.keys() or not all(torch.equal(ours[k], theirs[k]) for k in ours):
         raise ValueError("stage 1 ran on another vision tower than the shared pretraining's")
     model.connector.load_shared_state_dict(stage1.shared_state_dict())
     return model, tokenizer

@@ -38,7 +38,8 @@ def navit_like(vit: ViTConfig) -> NaViTConfig:
     return NaViTConfig(image_size=vit.image_size, patch_size=vit.patch_size, hidden_size=vit.hidden_size,
                        num_layers=vit.num_layers, num_heads=vit.num_heads, intermediate_size=vit.intermediate_size,
                        act=vit.act, layer_norm_eps=vit.layer_norm_eps, pre_layernorm=vit.pre_layernorm,
-                       patch_bias=vit.patch_bias, position_buckets=vit.grid)
+                       patch_bias=vit.patch_bias, patch_embed=vit.patch_embed, stem_width=vit.stem_width,
+                       position_buckets=vit.grid)
 
 
 def tiny() -> LVLMPreset:

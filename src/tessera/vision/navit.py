@@ -20,7 +20,7 @@ encoder runs without dropping: the image placeholders are expanded before the mo
 so each image's token count must be the one `num_tokens` promised.
 
 Parameter names follow `tessera.vision.vit` (HF CLIP names) wherever the part is the same:
-embeddings.patch_embedding, pre_layrnorm, encoder.layers.N.*, post_layernorm; the factorised
+embeddings.patch_embedding (or embeddings.patch_stem.*, the ViT's conv stem), pre_layrnorm, encoder.layers.N.*, post_layernorm; the factorised
 tables are embeddings.row_embedding and embeddings.col_embedding. `init_from_vit` therefore
 takes a pretrained CLIP-style ViT's weights directly.
 
@@ -45,7 +45,7 @@ from pydantic import field_validator, model_validator
 from torch import Tensor, nn
 
 from tessera.config import Config
-from tessera.nn.layers import Activation
+from tessera.nn.layers import Activation, ConvStem
 from tessera.vision.vit import VisionOutput, ViTEncoder, checked_inputs
 
 
@@ -64,6 +64,8 @@ class NaViTConfig(Config):
     num_channels: int = 3
     pre_layernorm: bool = True
     patch_bias: bool = False
+    patch_embed: Literal["patch", "conv_stem"] = "patch"  # as ViTConfig: one p×p convolution or `ConvStem`
+    stem_width: int | None = None
     position_buckets: int = 8  # G: entries of the row table and of the column table
     fractional_positions: bool = True
     token_drop_rate: float = 0.0  # share of each image's patches dropped in training mode
@@ -90,6 +92,9 @@ class NaViTConfig(Config):
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.patch_embed == "conv_stem" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
+            raise ValueError(f"patch_embed 'conv_stem' halves the image log2(patch_size) times; patch_size "
+                             f"{self.patch_size} is not a power of 2 (>= 2)")
         return self
 
     @property
@@ -122,8 +127,11 @@ class NaViTEmbeddings(nn.Module):
     def __init__(self, cfg: NaViTConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, kernel_size=cfg.patch_size,
-                                         stride=cfg.patch_size, bias=cfg.patch_bias)
+        if cfg.patch_embed == "conv_stem":
+            self.patch_stem = ConvStem(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.stem_width)
+        else:
+            self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, kernel_size=cfg.patch_size,
+                                             stride=cfg.patch_size, bias=cfg.patch_bias)
         self.row_embedding = nn.Embedding(cfg.position_buckets, cfg.hidden_size)
         self.col_embedding = nn.Embedding(cfg.position_buckets, cfg.hidden_size)
 
@@ -146,7 +154,8 @@ class NaViTEmbeddings(nn.Module):
 
     def forward(self, image: Tensor) -> Tensor:
         """(3, H, W) → (R·C, E) patch embeddings with positions."""
-        x = self.patch_embedding(image[None].to(self.patch_embedding.weight.dtype))[0]  # (E, R, C)
+        embed = self.patch_stem if self.cfg.patch_embed == "conv_stem" else self.patch_embedding
+        x = embed(image[None].to(self.row_embedding.weight.dtype))[0]  # (E, R, C); a stem sees one image at a time
         rows, cols = x.shape[-2:]
         return x.flatten(1).transpose(0, 1) + self.positions(rows, cols).to(x.dtype)
 
@@ -239,9 +248,8 @@ class NaViT(nn.Module):
         the overall mean), resampled to G entries. The class token and its position go unused."""
         own = self.state_dict()
         taken = {k: v for k, v in vit_state.items() if k in own and not k.startswith("embeddings.")}
-        taken["embeddings.patch_embedding.weight"] = vit_state["embeddings.patch_embedding.weight"]
-        if self.cfg.patch_bias:
-            taken["embeddings.patch_embedding.bias"] = vit_state["embeddings.patch_embedding.bias"]
+        taken.update({k: v for k, v in vit_state.items()
+                      if k in own and k.startswith(("embeddings.patch_embedding.", "embeddings.patch_stem."))})
         table = vit_state["embeddings.position_embedding.weight"]
         if "embeddings.class_embedding" in vit_state:
             table = table[1:]

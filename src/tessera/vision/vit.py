@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from tessera.config import Config
 from tessera.nn.attention import attention
-from tessera.nn.layers import MLP, Activation
+from tessera.nn.layers import MLP, Activation, ConvStem
 from tessera.nn.positions import grid_positions, sincos_2d
 from tessera.nn.transformer import EncoderLayer
 
@@ -63,6 +63,11 @@ class ViTConfig(Config):
     # is survives into the last layer of a tiny ViT trained from scratch (see RESULTS.md).
     position_init: Literal["normal", "sincos"] = "normal"
     position_init_scale: float = 0.5
+    # "patch": CLIP's one p×p stride-p convolution (embeddings.patch_embedding). "conv_stem": the
+    # early-convolution stem (embeddings.patch_stem.*, `ConvStem`), same grid; no Hugging Face
+    # CLIP or SigLIP checkpoint has one, so such a ViT does not export.
+    patch_embed: Literal["patch", "conv_stem"] = "patch"
+    stem_width: int | None = None  # the conv stem's first width (doubling up to hidden_size); None = E/2
 
     @field_validator("image_size", "patch_size", "hidden_size", "num_layers", "num_heads", "intermediate_size")
     @classmethod
@@ -81,6 +86,9 @@ class ViTConfig(Config):
             raise ValueError(f"position_init='sincos' needs a hidden_size divisible by 4, got {self.hidden_size}")
         if self.position_init_scale <= 0:
             raise ValueError(f"position_init_scale must be positive, got {self.position_init_scale}")
+        if self.patch_embed == "conv_stem" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
+            raise ValueError(f"patch_embed 'conv_stem' halves the image log2(patch_size) times; patch_size "
+                             f"{self.patch_size} is not a power of 2 (>= 2)")
         if self.map_head and self.post_layernorm_on != "all_tokens":
             raise ValueError("map_head pools the post-normed tokens: it needs post_layernorm_on='all_tokens'")
         return self
@@ -188,10 +196,13 @@ class VisionEmbeddings(nn.Module):
         self.cfg = cfg
         if cfg.class_token:
             self.class_embedding = nn.Parameter(torch.randn(cfg.hidden_size) * 0.02)
-        self.patch_embedding = nn.Conv2d(
-            cfg.num_channels, cfg.hidden_size, kernel_size=cfg.patch_size, stride=cfg.patch_size,
-            bias=cfg.patch_bias,
-        )
+        if cfg.patch_embed == "conv_stem":
+            self.patch_stem = ConvStem(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.stem_width)
+        else:
+            self.patch_embedding = nn.Conv2d(
+                cfg.num_channels, cfg.hidden_size, kernel_size=cfg.patch_size, stride=cfg.patch_size,
+                bias=cfg.patch_bias,
+            )
         self.position_embedding = nn.Embedding(cfg.num_positions, cfg.hidden_size)
         # Hugging Face CLIP's initializer_range. nn.Embedding's N(0, 1) would swamp the patch
         # content: a tiny ViT trained from scratch then learns colour at once but object shape
@@ -216,9 +227,14 @@ class VisionEmbeddings(nn.Module):
         patch = patch.permute(0, 2, 3, 1).reshape(rows * cols, -1)
         return torch.cat([table[:n_cls], patch], dim=0)
 
+    def embed_patches(self, pixels: Tensor) -> Tensor:
+        """pixels (N, 3, H, W), one size → (N, E, H/p, W/p) patch features, before positions."""
+        embed = self.patch_stem if self.cfg.patch_embed == "conv_stem" else self.patch_embedding
+        return embed(pixels.to(self.position_embedding.weight.dtype))
+
     def forward(self, pixels: Tensor) -> Tensor:
         """pixels (N, 3, H, W), one size → (N, S, E)."""
-        x = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype))
+        x = self.embed_patches(pixels)
         rows, cols = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)
         if self.cfg.class_token:

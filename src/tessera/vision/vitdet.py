@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from tessera.config import Config
 from tessera.nn.attention import attention
-from tessera.nn.layers import Activation, activation_fn
+from tessera.nn.layers import Activation, ConvStem, activation_fn
 from tessera.vision.vit import VisionOutput, checked_inputs
 
 
@@ -129,13 +129,7 @@ class PatchEmbed(nn.Module):
         if not self.uses_stem:
             self.proj = nn.Conv2d(cfg.num_channels, cfg.hidden_size, kernel_size=cfg.patch_size, stride=cfg.patch_size)
             return
-        width = cfg.hidden_size
-        layers: list[nn.Module] = [nn.Conv2d(cfg.num_channels, width // 2, kernel_size=3, padding=1)]
-        channels = width // 2
-        for _ in range(cfg.patch_size.bit_length() - 1):
-            layers += [nn.GELU(), nn.Conv2d(channels, width, kernel_size=3, stride=2, padding=1)]
-            channels = width
-        self.stem = nn.Sequential(*layers)
+        self.stem = ConvStem(cfg.num_channels, cfg.hidden_size, cfg.patch_size)
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, 3, H, W) → (N, g_h, g_w, E)."""
