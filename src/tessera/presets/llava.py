@@ -44,7 +44,7 @@ def tiny(connector: str = "mlp", name: str = "llava-1.5-tiny") -> LLaVAPreset:
         # A convolutional stem instead of CLIP's one 8×8 patch convolution: a from-scratch ViT
         # then reads shape apart from colour. Centre-patch shape probe on colour×shape pairs never
         # seen in training: patch conv 0.15, stem widths 16/32/64 0.32 / 0.67 / 0.72; the LLaVA
-        # stages on them: VQA compositional 0.53 / 0.59 / – / 0.69 (RESULTS.md, session 12).
+        # stages on them: VQA compositional 0.53 / 0.59 / 0.72 / 0.69 (RESULTS.md, session 12).
         # Width 32 is the widest stem the 20-minute quickstart affords. Exporting to Hugging
         # Face needs the plain patch convolution (`tessera train --vit-patch-embed patch`).
         vision=ViTConfig(image_size=64, patch_size=8, hidden_size=128, num_layers=4, num_heads=4,
