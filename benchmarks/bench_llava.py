@@ -217,7 +217,9 @@ def hf_llava_config(vocab_size: int, image_token_id: int, image_tokens: int) -> 
 def tessera_config(vocab_size: int, image_token_id: int) -> LVLMConfig:
     preset = tiny()
     return LVLMConfig(
-        vision=preset.vision, connector=ProjectorConfig(kind="mlp", act=preset.connector.act),
+        # transformers' LLaVA has CLIP's single patch convolution, not the tiny preset's conv stem:
+        # both sides run the same architecture with the same weights.
+        vision=preset.vision.model_copy(update={"patch_embed": "patch", "stem_width": None}), connector=ProjectorConfig(kind="mlp", act=preset.connector.act),
         llm=preset.llm.model_copy(update={"vocab_size": vocab_size}),
         image_token_id=image_token_id, vision_feature_layer=preset.vision_feature_layer,
     )
@@ -598,7 +600,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--gen-reps", type=int, default=10)
     parser.add_argument("--num-images", type=int, default=120, help="ShapesWorld train images to generate")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--dense-length", type=int, default=256)
+    # 192: since repeated question/answer pairs are dropped when an image's questions are merged
+    # (group_by_image), no conversation of 120 images reaches 256 tokens any more.
+    parser.add_argument("--dense-length", type=int, default=192)
     parser.add_argument("--gen-batch", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--peak-size", type=int, default=2048)
