@@ -99,6 +99,12 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
+def check_stem_patch_size(patch_size: int) -> None:
+    """A conv stem halves the image log2(patch_size) times: refuse a patch size it cannot reach."""
+    if patch_size < 2 or patch_size & (patch_size - 1):
+        raise ValueError(f"patch_embed 'conv_stem' halves the image log2(patch_size) times; patch_size must be a "
+                         f"power of 2 (>= 2), got {patch_size}")
+
 
 class ConvStem(nn.Sequential):
     """The "early convolutions" patch stem of Xiao et al. 2021, a drop-in for one p×p stride-p patch
@@ -110,9 +116,7 @@ class ConvStem(nn.Sequential):
     nn.Sequential's names."""
 
     def __init__(self, in_channels: int, width: int, patch_size: int, first_width: int | None = None) -> None:
-        if patch_size < 2 or patch_size & (patch_size - 1):
-            raise ValueError(f"a conv stem halves the image log2(patch_size) times; patch_size must be a power "
-                             f"of 2 (>= 2), got {patch_size}")
+        check_stem_patch_size(patch_size)
         channels = width // 2 if first_width is None else first_width
         if not 0 < channels <= width:
             raise ValueError(f"first_width must be in [1, width={width}], got {channels}")

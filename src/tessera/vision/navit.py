@@ -20,8 +20,8 @@ encoder runs without dropping: the image placeholders are expanded before the mo
 so each image's token count must be the one `num_tokens` promised.
 
 Parameter names follow `tessera.vision.vit` (HF CLIP names) wherever the part is the same:
-embeddings.patch_embedding (or embeddings.patch_stem.*, the ViT's conv stem), pre_layrnorm, encoder.layers.N.*, post_layernorm; the factorised
-tables are embeddings.row_embedding and embeddings.col_embedding. `init_from_vit` therefore
+embeddings.patch_embedding (or embeddings.patch_stem.*, the ViT's conv stem), pre_layrnorm,
+encoder.layers.N.*, post_layernorm; the factorised tables are embeddings.row_embedding and embeddings.col_embedding. `init_from_vit` therefore
 takes a pretrained CLIP-style ViT's weights directly.
 
 Shapes:
@@ -45,7 +45,7 @@ from pydantic import field_validator, model_validator
 from torch import Tensor, nn
 
 from tessera.config import Config
-from tessera.nn.layers import Activation, ConvStem
+from tessera.nn.layers import Activation, ConvStem, check_stem_patch_size
 from tessera.vision.vit import VisionOutput, ViTEncoder, checked_inputs
 
 
@@ -92,9 +92,8 @@ class NaViTConfig(Config):
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        if self.patch_embed == "conv_stem" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
-            raise ValueError(f"patch_embed 'conv_stem' halves the image log2(patch_size) times; patch_size "
-                             f"{self.patch_size} is not a power of 2 (>= 2)")
+        if self.patch_embed == "conv_stem":
+            check_stem_patch_size(self.patch_size)
         return self
 
     @property

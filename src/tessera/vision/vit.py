@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from tessera.config import Config
 from tessera.nn.attention import attention
-from tessera.nn.layers import MLP, Activation, ConvStem
+from tessera.nn.layers import MLP, Activation, ConvStem, check_stem_patch_size
 from tessera.nn.positions import grid_positions, sincos_2d
 from tessera.nn.transformer import EncoderLayer
 
@@ -86,9 +86,8 @@ class ViTConfig(Config):
             raise ValueError(f"position_init='sincos' needs a hidden_size divisible by 4, got {self.hidden_size}")
         if self.position_init_scale <= 0:
             raise ValueError(f"position_init_scale must be positive, got {self.position_init_scale}")
-        if self.patch_embed == "conv_stem" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
-            raise ValueError(f"patch_embed 'conv_stem' halves the image log2(patch_size) times; patch_size "
-                             f"{self.patch_size} is not a power of 2 (>= 2)")
+        if self.patch_embed == "conv_stem":
+            check_stem_patch_size(self.patch_size)
         if self.map_head and self.post_layernorm_on != "all_tokens":
             raise ValueError("map_head pools the post-normed tokens: it needs post_layernorm_on='all_tokens'")
         return self

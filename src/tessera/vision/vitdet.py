@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from tessera.config import Config
 from tessera.nn.attention import attention
-from tessera.nn.layers import Activation, ConvStem, activation_fn
+from tessera.nn.layers import Activation, ConvStem, activation_fn, check_stem_patch_size
 from tessera.vision.vit import VisionOutput, checked_inputs
 
 
@@ -81,9 +81,8 @@ class ViTDetConfig(Config):
             raise ValueError(f"global_attn_indexes {bad} outside [0, {self.num_layers})")
         if self.window_size < 0 or any(c <= 0 for c in self.downsample_channels):
             raise ValueError("window_size must be ≥ 0 and downsample_channels positive")
-        if self.patch_embed == "conv_stem" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
-            raise ValueError(f"patch_embed 'conv_stem' halves the image log2(patch_size) times; patch_size "
-                             f"{self.patch_size} is not a power of 2 (≥ 2)")
+        if self.patch_embed == "conv_stem":
+            check_stem_patch_size(self.patch_size)
         return self
 
     @property
