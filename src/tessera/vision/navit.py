@@ -21,8 +21,9 @@ so each image's token count must be the one `num_tokens` promised.
 
 Parameter names follow `tessera.vision.vit` (HF CLIP names) wherever the part is the same:
 embeddings.patch_embedding (or embeddings.patch_stem.*, the ViT's conv stem), pre_layrnorm,
-encoder.layers.N.*, post_layernorm; the factorised tables are embeddings.row_embedding and embeddings.col_embedding. `init_from_vit` therefore
-takes a pretrained CLIP-style ViT's weights directly.
+encoder.layers.N.*, post_layernorm; the factorised tables are embeddings.row_embedding and
+embeddings.col_embedding. `init_from_vit` therefore takes a pretrained CLIP-style ViT's weights
+directly.
 
 Shapes:
     N       images                         (3, H_i, W_i), H_i and W_i multiples of the patch size p
