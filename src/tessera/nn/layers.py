@@ -99,11 +99,15 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
-def check_stem_patch_size(patch_size: int) -> None:
-    """A conv stem halves the image log2(patch_size) times: refuse a patch size it cannot reach."""
+def check_conv_stem(patch_size: int, width: int, first_width: int | None = None) -> None:
+    """Refuse a conv stem that cannot be built: it halves the image log2(patch_size) times, and its
+    first width (ConvStem's `first_width`, the configs' `stem_width`) lies in [1, width]."""
     if patch_size < 2 or patch_size & (patch_size - 1):
         raise ValueError(f"patch_embed 'conv_stem' halves the image log2(patch_size) times; patch_size must be a "
                          f"power of 2 (>= 2), got {patch_size}")
+    if first_width is not None and not 0 < first_width <= width:
+        raise ValueError(f"the conv stem's first width (stem_width / first_width) must be in [1, width={width}], "
+                         f"got {first_width}")
 
 
 class ConvStem(nn.Sequential):
@@ -116,10 +120,8 @@ class ConvStem(nn.Sequential):
     nn.Sequential's names."""
 
     def __init__(self, in_channels: int, width: int, patch_size: int, first_width: int | None = None) -> None:
-        check_stem_patch_size(patch_size)
+        check_conv_stem(patch_size, width, first_width)
         channels = width // 2 if first_width is None else first_width
-        if not 0 < channels <= width:
-            raise ValueError(f"first_width must be in [1, width={width}], got {channels}")
         layers: list[nn.Module] = [nn.Conv2d(in_channels, channels, kernel_size=3, padding=1)]
         for _ in range(patch_size.bit_length() - 1):
             wider = min(2 * channels, width)

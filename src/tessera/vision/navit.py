@@ -46,7 +46,7 @@ from pydantic import field_validator, model_validator
 from torch import Tensor, nn
 
 from tessera.config import Config
-from tessera.nn.layers import Activation, ConvStem, check_stem_patch_size
+from tessera.nn.layers import Activation, ConvStem, check_conv_stem
 from tessera.vision.vit import VisionOutput, ViTEncoder, checked_inputs
 
 
@@ -94,7 +94,7 @@ class NaViTConfig(Config):
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.patch_embed == "conv_stem":
-            check_stem_patch_size(self.patch_size)
+            check_conv_stem(self.patch_size, self.hidden_size, self.stem_width)
         return self
 
     @property

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from tessera.config import Config
 from tessera.nn.attention import attention
-from tessera.nn.layers import MLP, Activation, ConvStem, check_stem_patch_size
+from tessera.nn.layers import MLP, Activation, ConvStem, check_conv_stem
 from tessera.nn.positions import grid_positions, sincos_2d
 from tessera.nn.transformer import EncoderLayer
 
@@ -87,7 +87,7 @@ class ViTConfig(Config):
         if self.position_init_scale <= 0:
             raise ValueError(f"position_init_scale must be positive, got {self.position_init_scale}")
         if self.patch_embed == "conv_stem":
-            check_stem_patch_size(self.patch_size)
+            check_conv_stem(self.patch_size, self.hidden_size, self.stem_width)
         if self.map_head and self.post_layernorm_on != "all_tokens":
             raise ValueError("map_head pools the post-normed tokens: it needs post_layernorm_on='all_tokens'")
         return self

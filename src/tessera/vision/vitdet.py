@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from tessera.config import Config
 from tessera.nn.attention import attention
-from tessera.nn.layers import Activation, ConvStem, activation_fn, check_stem_patch_size
+from tessera.nn.layers import Activation, ConvStem, activation_fn, check_conv_stem
 from tessera.vision.vit import VisionOutput, checked_inputs
 
 
@@ -82,7 +82,7 @@ class ViTDetConfig(Config):
         if self.window_size < 0 or any(c <= 0 for c in self.downsample_channels):
             raise ValueError("window_size must be ≥ 0 and downsample_channels positive")
         if self.patch_embed == "conv_stem":
-            check_stem_patch_size(self.patch_size)
+            check_conv_stem(self.patch_size, self.hidden_size)
         return self
 
     @property
