@@ -17,6 +17,7 @@ from tessera.data.records import SkipStats
 from tessera.data.shapes import ShapesConfig, generate_shapes
 from tessera.data.shapes_reading import generate_reading_tasks
 from tessera.models.lvlm import LVLM, LVLMConfig, VisionBranchConfig
+from tessera.models.slot_reader import SlotReader
 from tessera.pipeline import build_lvlm, read_stage_conversations, train_lvlm
 from tessera.presets import vary
 from tessera.presets.base import PRETRAIN_STAGES, LVLMPreset
@@ -277,10 +278,22 @@ def small(preset: LVLMPreset, steps: list[int], **update) -> LVLMPreset:
 
 @pytest.mark.slow
 def test_tiny_vary_tiny_then_vary_base_learn(reading_shapes: Path, tmp_path: Path) -> None:
-    first = small(vary.tiny_vary_tiny(), [60], encoder=SMALL_VOCABULARY.model_dump())
+    first = small(vary.tiny_vary_tiny(), [40, 60], encoder=SMALL_VOCABULARY.model_dump())
     branch = vary.tiny().extra_towers[0].model_copy(update={"vision": SMALL_VOCABULARY})
     second = small(vary.tiny(), [10, 40], extra_towers=[branch.model_dump()])
     train_lvlm(second, reading_shapes, tmp_path, stages=PRETRAIN_STAGES, progress=False)
+    # Vary-tiny's first stage trains the vocabulary network alone, with a character-slot reader
+    read_run = train_lvlm(first, reading_shapes, tmp_path, stages=["read"], pretrained=tmp_path, progress=False)
+    read_losses = [h["loss"] for h in read_run.stages[0].history]
+    assert sum(read_losses[-5:]) / 5 < 0.8 * sum(read_losses[:5]) / 5, read_losses
+    reader = load_checkpoint(tmp_path / "vary" / "read" / "final").model
+    assert isinstance(reader, SlotReader)
+    # run on its own, the next stage starts from the reader's encoder (kept frozen here to see it)
+    frozen = first.model_copy(update={"stages": [first.stages[0], first.stages[1].model_copy(
+        update={"trainable": ["connector"], "steps": 2})]})
+    start = train_lvlm(frozen, reading_shapes, tmp_path, stages=["vary_tiny"], pretrained=tmp_path, progress=False)
+    for name, value in start.model.vision_tower.state_dict().items():
+        assert torch.equal(value, reader.encoder.state_dict()[name]), name
     tiny_run = train_lvlm(first, reading_shapes, tmp_path, stages=["vary_tiny"], pretrained=tmp_path, progress=False)
     losses = [h["loss"] for h in tiny_run.stages[0].history]
     assert len(losses) == 60 and all(math.isfinite(x) for x in losses)

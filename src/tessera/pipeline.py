@@ -35,6 +35,7 @@ from tessera.eval.vqa_metrics import VQAScores
 from tessera.imported_parts import import_parts
 from tessera.models.dual_encoder import DualEncoder, DualEncoderConfig
 from tessera.models.lvlm import LVLM, LVLMConfig
+from tessera.models.slot_reader import READING_OBJECTIVE, SlotReader, SlotReaderConfig
 from tessera.nn.lora import apply_lora, lora_config
 from tessera.presets.base import LVLMPreset, from_llava
 from tessera.presets.llava import LLaVAPreset
@@ -49,6 +50,7 @@ from tessera.train.tasks import (
     ConversationTask,
     GrayscaleViews,
     LanguageModelTask,
+    ReadingTask,
 )
 from tessera.train.trainer import StageResult, Trainer, seed_everything
 
@@ -213,26 +215,41 @@ def train_lvlm(
         run(lm, preset.lm_stage, LanguageModelTask(corpus_texts(data_dir), tokenizer, 128), out / "lm")
 
     model = build_lvlm(preset, tokenizer, vocab_size=preset.llm.vocab_size if parts.language is not None else None)
+
+    def start_from_pretrained() -> None:
+        # A NaViT tower starts from the ViT, a visual expert from the LLM's text weights.
+        vision = parts.vision
+        if vision is None:
+            vision = load_checkpoint(source / "clip" / "final").model.vision_model.state_dict()
+        language = parts.language
+        if language is None:
+            language = load_checkpoint(source / "lm" / "final").model.state_dict()
+        model.load_pretrained_parts(vision, language)
+        load_stage_modules(model, out / preset.folder, preset.init_from_stages)
+
     lvlm_stages = [s for s in preset.stages if s.name in stages]
     if lvlm_stages:
         first = [s.name for s in preset.stages].index(lvlm_stages[0].name)
         if first > 0:
             previous = load_checkpoint(out / preset.folder / preset.stages[first - 1].name / "final").model
-            if lora_config(previous) is not None:  # LoRA stages (MiniGPT-v2): continue the same adapters
-                apply_lora(model, lora_config(previous))
-            model.load_state_dict(previous.state_dict())
+            if isinstance(previous, SlotReader):  # a reading stage trained the vision tower alone
+                start_from_pretrained()
+                model.vision_tower.load_state_dict(previous.encoder.state_dict())
+            else:
+                if lora_config(previous) is not None:  # LoRA stages (MiniGPT-v2): continue the same adapters
+                    apply_lora(model, lora_config(previous))
+                model.load_state_dict(previous.state_dict())
         else:
-            # A NaViT tower starts from the ViT, a visual expert from the LLM's text weights.
-            vision = parts.vision
-            if vision is None:
-                vision = load_checkpoint(source / "clip" / "final").model.vision_model.state_dict()
-            language = parts.language
-            if language is None:
-                language = load_checkpoint(source / "lm" / "final").model.state_dict()
-            model.load_pretrained_parts(vision, language)
-            load_stage_modules(model, out / preset.folder, preset.init_from_stages)
+            start_from_pretrained()
     for stage in lvlm_stages:
         convs = read_stage_conversations(train_paths, stage.data, data_dir, skips)
+        if READING_OBJECTIVE in stage.objectives:
+            # The main vision tower alone, trained in place by a reader of the stage's texts.
+            pairs = reading_pairs(convs, skips)
+            reader = SlotReader(SlotReaderConfig.for_texts(model.cfg.vision, [text for _, text in pairs]),
+                                encoder=model.vision_tower)
+            run(reader, stage, ReadingTask(pairs, images), out / preset.folder / stage.name)
+            continue
         if stage.group_by_image:
             convs = group_by_image(convs, seed=seed)
         template = stage_template(preset, stage.data) if preset.task_by_data else preset.template
@@ -242,6 +259,20 @@ def train_lvlm(
     last = out / preset.folder / lvlm_stages[-1].name / "final" if lvlm_stages else None
     return PipelineResult(model=model, tokenizer=tokenizer, stages=results, skips=skips, checkpoint=last,
                           notes=parts.notes)
+
+
+def reading_pairs(convs: Sequence[Conversation], skips: SkipStats) -> list[tuple[Path, str]]:
+    """(image, text) of each one-image conversation of a reading stage: the image and its last
+    answer (rendered text → the text); other conversations are skipped and counted."""
+    pairs = []
+    for conv in convs:
+        if len(conv.images) == 1 and conv.turns[-1].role == "assistant":
+            pairs.append((conv.images[0], conv.turns[-1].text))
+        else:
+            skips.skip("reading stage: not one image with an answer", conv.id)
+    if not pairs:
+        raise ValueError("a reading stage's data has no one-image conversation ending in an answer")
+    return pairs
 
 
 # Derived training sets a preset registers by name (Vary-tiny's prompt-free reading data):

@@ -20,6 +20,7 @@ from tessera.models.dual_encoder import (
     SigLIPDualEncoderConfig,
 )
 from tessera.models.lvlm import LVLM, LVLMConfig
+from tessera.models.slot_reader import SlotReader, SlotReaderConfig
 from tessera.models.vilt import ViLT, ViltConfig
 from tessera.models.vlmo import VLMo, VLMoConfig
 from tessera.text.bert import BertConfig, BertModel
@@ -38,6 +39,7 @@ MODEL_KINDS: dict[str, tuple[type[Config], type[nn.Module]]] = {
     "blip": (BLIPConfig, BLIP),
     "blip2_qformer": (Blip2PretrainConfig, Blip2QFormerPretrain),  # BLIP-2 stage 1
     "vilt": (ViltConfig, ViLT),
+    "slot_reader": (SlotReaderConfig, SlotReader),  # an encoder's reading pretraining (Vary-tiny)
     "vlmo": (VLMoConfig, VLMo),
     # Single towers, e.g. a pretrained image encoder imported on its own.
     "vit": (ViTConfig, VisionTransformer),

@@ -18,6 +18,7 @@ from tessera.connectors.registry import ConnectorConfig
 from tessera.data.templates import get_template
 from tessera.data.tiling import TilingConfig
 from tessera.models.lvlm import VisionBranchConfig
+from tessera.models.slot_reader import READING_OBJECTIVE
 from tessera.presets.llava import LLaVAPreset
 from tessera.text.clip_text import CLIPTextConfig
 from tessera.text.llama import LlamaConfig
@@ -82,6 +83,10 @@ class LVLMPreset(Config):
         clash = sorted({n for n in names if names.count(n) > 1 or n in PRETRAIN_STAGES})
         if clash:
             raise ValueError(f"stage names must be unique and not {list(PRETRAIN_STAGES)}: {clash}")
+        for stage in self.stages:
+            if READING_OBJECTIVE in stage.objectives and set(stage.objectives) != {READING_OBJECTIVE}:
+                raise ValueError(f"stage {stage.name!r}: {READING_OBJECTIVE!r} trains the vision tower alone "
+                                 f"and takes no other objective, got {sorted(stage.objectives)}")
         template = get_template(self.template)
         for task in [*self.task_by_data.values(), self.vqa_task or ""]:
             if task and task not in template.task_identifiers:

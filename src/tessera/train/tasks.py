@@ -5,6 +5,8 @@
 - LanguageModelTask: plain texts, packed, next-token loss (decoder pretraining).
 - ConversationTask: LLaVA-style conversations with images, padded or packed, loss on the
   assistant's answers only (both LLaVA stages).
+- ReadingTask: images of rendered text and their texts, for a SlotReader (an encoder's
+  reading pretraining, Vary-tiny's "read" stage).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from tessera.data.readers import position_phrase, region_phrase
 from tessera.data.records import RegionPhrase, SkipStats
 from tessera.data.templates import IGNORE_INDEX
 from tessera.models.dual_encoder import DualEncoder, SigLIPDualEncoder
+from tessera.models.slot_reader import SlotReader
 from tessera.objectives.contrastive import clip_loss, region_phrase_loss, siglip_loss
 from tessera.objectives.lm import next_token_loss
 from tessera.text.tokenizer import Tokenizer
@@ -370,6 +373,46 @@ class ConversationTask:
             keep=batch.targets != IGNORE_INDEX,
         )
         return next_token_loss(hidden, model.language_model.lm_head, batch.targets), {}
+
+    def after_step(self, model: nn.Module) -> None:
+        pass
+
+
+@dataclass
+class ReadingBatch:
+    pixels: Tensor  # (N, 3, H, W) normalised
+    texts: list[str]
+
+
+class ReadingTask:
+    """(image, text) pairs: each image shows its text; a SlotReader learns to read it."""
+
+    def __init__(self, pairs: Sequence[tuple[Path, str]], images: ImageCache) -> None:
+        if not pairs:
+            raise ValueError("a reading stage needs at least one (image, text) pair")
+        self.pairs, self.images = pairs, images
+        self.skips: SkipStats = images.skips
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.pairs)
+
+    def make_batch(self, indices: list[int]) -> ReadingBatch | None:
+        pixels, texts = [], []
+        for i in indices:
+            image, text = self.pairs[i]
+            px = self.images.get(image)  # an unreadable image is counted in skips and left out
+            if px is not None:
+                pixels.append(px)
+                texts.append(text)
+        if not pixels:
+            return None
+        return ReadingBatch(self.images.normalize(torch.stack(pixels)), texts)
+
+    def loss(self, model: nn.Module, batch: ReadingBatch) -> tuple[Tensor, dict[str, float]]:
+        if not isinstance(model, SlotReader):
+            raise TypeError(f"ReadingTask trains a SlotReader, not a {type(model).__name__}")
+        return model.loss(batch.pixels, model.targets(batch.texts)), {}
 
     def after_step(self, model: nn.Module) -> None:
         pass

@@ -1,0 +1,108 @@
+"""The character-slot reader that pretrains an encoder to read (Vary-tiny's "read" stage)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tessera.models.registry import build_model, kind_of
+from tessera.models.slot_reader import READING_OBJECTIVE, SlotReader, SlotReaderConfig
+from tessera.presets import vary
+from tessera.presets.base import LVLMPreset
+from tessera.train.stage import StageConfig
+from tessera.vision.vit import ViTConfig
+from tessera.vision.vitdet import ViTDet, ViTDetConfig
+
+VOCABULARY = ViTDetConfig(image_size=32, patch_size=4, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                          window_size=4, global_attn_indexes=(1,), neck_channels=16, downsample_channels=(32, 32))
+
+
+def reader(**update) -> SlotReader:
+    torch.manual_seed(0)
+    return SlotReader(SlotReaderConfig.for_texts(VOCABULARY, ["red", "a 12", "cross"], num_heads=2, **update))
+
+
+def test_charset_and_slots_cover_the_training_texts() -> None:
+    cfg = reader().cfg
+    assert cfg.charset == " 12acdeors" and cfg.max_chars == len("cross") + 1 and cfg.end_id == 10
+
+
+def test_targets_spell_each_text_then_the_end_mark() -> None:
+    r = reader()
+    end = r.cfg.end_id
+    charset = r.cfg.charset
+    assert r.targets(["red"]).tolist() == [[charset.index("r"), charset.index("e"), charset.index("d"), end, end, end]]
+    assert r.targets([""]).tolist() == [[end] * 6]
+    with pytest.raises(ValueError, match=r"outside the reader's charset: \['z'\]"):
+        r.targets(["zed"])
+    with pytest.raises(ValueError, match="at most 5"):
+        r.targets(["crosses"])
+
+
+def test_decoding_stops_at_the_first_end_mark() -> None:
+    r = reader()
+    end, charset = r.cfg.end_id, r.cfg.charset
+    ids = torch.tensor([[charset.index("a"), charset.index(" "), charset.index("1"), end, charset.index("2"), end]])
+    logits = torch.nn.functional.one_hot(ids, end + 1).float()
+    assert r.decode(logits) == ["a 1"]
+    spelled = torch.nn.functional.one_hot(r.targets(["cross", "a 12"]), end + 1).float()
+    assert r.decode(spelled) == ["cross", "a 12"]  # targets and decoding round-trip
+
+
+def test_logits_per_slot_and_a_shared_encoder_trains_in_place() -> None:
+    tower = ViTDet(VOCABULARY)
+    r = SlotReader(reader().cfg, encoder=tower)
+    assert r.encoder is tower  # the LVLM's own tower, not a copy
+    pixels = torch.randn(3, 3, 32, 32)
+    assert r(pixels).shape == (3, r.cfg.max_chars, r.cfg.end_id + 1)
+    before = tower.net_3.weight.detach().clone()
+    opt = torch.optim.SGD(r.parameters(), lr=0.1)
+    r.loss(pixels, r.targets(["red", "a 12", "cross"])).backward()
+    opt.step()
+    assert not torch.equal(before, tower.net_3.weight)
+
+
+def test_an_image_reads_the_same_alone_and_in_a_batch() -> None:
+    r = reader().eval()
+    pixels = torch.randn(3, 3, 32, 32)
+    torch.testing.assert_close(r(pixels)[1:2], r(pixels[1:2]), atol=1e-5, rtol=1e-5)
+
+
+def test_a_tiny_reader_learns_to_tell_texts_apart() -> None:
+    # Two "texts": a dark left half or a dark right half; 60 steps fit them.
+    r = reader()
+    left, right = torch.full((3, 32, 32), 1.0), torch.full((3, 32, 32), 1.0)
+    left[:, :, :16] = -1
+    right[:, :, 16:] = -1
+    pixels = torch.stack([left, right] * 4)
+    targets = r.targets(["red", "cross"] * 4)
+    opt = torch.optim.AdamW(r.parameters(), lr=3e-3)
+    for _ in range(60):
+        loss = r.loss(pixels, targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert r.eval().read(pixels[:2]) == ["red", "cross"]
+
+
+def test_checkpoint_kind_and_config_round_trip() -> None:
+    r = reader()
+    assert kind_of(r) == "slot_reader"
+    again = build_model("slot_reader", r.cfg.to_dict())
+    assert again.cfg == r.cfg and isinstance(again.encoder, ViTDet)
+    vit = SlotReaderConfig.for_texts(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_layers=1, num_heads=2,
+                                               intermediate_size=64), ["ab"], num_heads=2)
+    assert SlotReader(vit)(torch.randn(1, 3, 32, 32)).shape == (1, 3, 3)  # class token left out
+
+
+def test_bad_configs_name_the_problem() -> None:
+    with pytest.raises(ValueError, match="repeated"):
+        SlotReaderConfig(vision=VOCABULARY, charset="aa", max_chars=3)
+    with pytest.raises(ValueError, match="max_chars"):
+        SlotReaderConfig(vision=VOCABULARY, charset="ab", max_chars=1)
+    with pytest.raises(ValueError, match="at least one training text"):
+        SlotReaderConfig.for_texts(VOCABULARY, [])
+    stage = StageConfig(name="read", trainable=["*"], objectives={READING_OBJECTIVE: 1.0, "lm": 1.0}, data="ocr",
+                        steps=1, batch_size=1, lr=1e-3)
+    with pytest.raises(ValueError, match="takes no other objective"):
+        LVLMPreset.parse({**vary.tiny_vary_tiny().model_dump(), "stages": [stage.model_dump()]})
