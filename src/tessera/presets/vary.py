@@ -84,8 +84,7 @@ def tiny_vocabulary_network() -> ViTDetConfig:
     """Vary's SAM-base at toy size. Vary starts it from SAM's weights; trained from scratch on a few
     thousand text images, SAM's single-convolution patch embedding memorised them (first-word
     probe 0.23), so the tiny network reads through a convolutional stem (0.67; RESULTS.md,
-    session 11). Vary-tiny's language model still answers the commonest word (CER 0.79 either
-    way): legible features are not yet read. `paper()` keeps SAM's patch embedding."""
+    session 11). `paper()` keeps SAM's patch embedding."""
     return ViTDetConfig(image_size=64, patch_size=4, hidden_size=64, num_layers=4, num_heads=4, intermediate_size=256,
                         window_size=4, global_attn_indexes=(1, 3), neck_channels=32, downsample_channels=(64, 128),
                         patch_embed="conv_stem")
