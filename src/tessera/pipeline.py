@@ -145,7 +145,10 @@ def train_lvlm(
     tokenizer and the "clip" and "lm" results from (the zoo shares one pretraining among
     presets with the same towers); those two stages are then not run here. `vision_from` /
     `language_from` (a Hugging Face or Tessera folder, see `tessera.imported_parts`) replace
-    the ViT / the LM and its tokenizer by imported ones, whose stages are then not run."""
+    the ViT / the LM and its tokenizer by imported ones, whose stages are then not run.
+    A stage whose objective is "char_slots" trains the main vision tower alone, in place, with
+    a `SlotReader` over the stage's (image, answer) pairs (Vary-tiny's "read" stage); its
+    checkpoint holds the reader, and the next stage takes the tower from it."""
     data_dir, out = Path(data_dir), Path(out)
     parts = import_parts(preset, vision=vision_from, language=language_from)
     preset = parts.preset
