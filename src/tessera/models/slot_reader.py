@@ -32,10 +32,11 @@ from pydantic import model_validator
 from torch import Tensor, nn
 
 from tessera.config import Config
+from tessera.models.lvlm import build_vision_tower, vision_width
 from tessera.nn.positions import grid_positions, sincos_2d
 from tessera.nn.transformer import EncoderLayer
-from tessera.vision.vit import VisionTransformer, ViTConfig
-from tessera.vision.vitdet import ViTDet, ViTDetConfig
+from tessera.vision.vit import ViTConfig
+from tessera.vision.vitdet import ViTDetConfig
 
 READING_OBJECTIVE = "char_slots"  # a stage objective: train the stage's encoder with a SlotReader
 
@@ -63,7 +64,7 @@ class SlotReaderConfig(Config):
 
     @property
     def width(self) -> int:
-        return self.vision.output_width if isinstance(self.vision, ViTDetConfig) else self.vision.hidden_size
+        return vision_width(self.vision)
 
     @property
     def end_id(self) -> int:
@@ -85,9 +86,7 @@ class SlotReader(nn.Module):
         """`encoder` shares an existing tower (an LVLM's, trained in place); by default a new one."""
         super().__init__()
         self.cfg = cfg
-        if encoder is None:
-            encoder = ViTDet(cfg.vision) if isinstance(cfg.vision, ViTDetConfig) else VisionTransformer(cfg.vision)
-        self.encoder = encoder
+        self.encoder = build_vision_tower(cfg.vision) if encoder is None else encoder
         e = cfg.width
         self.slots = nn.Parameter(torch.randn(cfg.max_chars, e) * 0.02)
         self.layers = nn.ModuleList(EncoderLayer(e, cfg.num_heads, cfg.mlp_ratio * e, "gelu", 1e-6)
