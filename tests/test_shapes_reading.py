@@ -161,13 +161,26 @@ def test_held_out_combos_only_in_test_comp(reading_root: Path) -> None:
     assert all(r["lines"][0] in held for r in ocr)
 
 
+def test_pretraining_texts_are_train_only_and_drawn_on_their_own(reading_root: Path) -> None:
+    assert "ocr_pretrain" not in reading_task_paths(reading_root, "test")
+    pretrain = json.loads(reading_task_paths(reading_root, "train")["ocr_pretrain"].read_text())
+    ocr = json.loads(reading_task_paths(reading_root, "train")["ocr"].read_text())
+    assert len(pretrain) == 4 * 40 and len(ocr) == 20  # pretrain_texts_per_image=4, ocr 0.5
+    assert {r["image"] for r in pretrain}.isdisjoint(r["image"] for r in ocr)
+    # its own random stream: not the OCR set's texts again in the same order
+    assert [r["lines"] for r in pretrain[:20]] != [r["lines"] for r in ocr]
+    manifest = json.loads((reading_root / READING_META_FILE).read_text())
+    assert manifest["splits"]["train"]["ocr_pretrain"] == 160 and "ocr_pretrain" not in manifest["splits"]["test"]
+
+
 def _ink_rows(path: Path) -> np.ndarray:
     pixels = np.asarray(Image.open(path).convert("L"), dtype=np.int32)
     return (pixels < 160).any(axis=1)
 
 
-def test_ocr_images_show_their_lines(reading_root: Path) -> None:
-    records = json.loads(reading_task_paths(reading_root, "train")["ocr"].read_text())
+@pytest.mark.parametrize("task", ["ocr", "ocr_pretrain"])
+def test_ocr_images_show_their_lines(reading_root: Path, task: str) -> None:
+    records = json.loads(reading_task_paths(reading_root, "train")[task].read_text())
     assert {len(r["lines"]) for r in records} >= {1, 2}
     for r in records:
         assert r["conversations"][1]["value"] == "\n".join(r["lines"])

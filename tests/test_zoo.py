@@ -64,17 +64,23 @@ def test_data_is_made_once_and_extended_step_by_step(tmp_path: Path, monkeypatch
     assert (root / "meta.json").stat().st_mtime_ns == meta_time  # reused
 
     made: list[Path] = []
-    steps = [s.name for s in zoo_runner.DATA_STEPS]
+    steps = [s.key for s in zoo_runner.DATA_STEPS]
     assert steps[:2] == ["shapes", "classic_tasks"]
     monkeypatch.setattr(zoo_runner, "DATA_STEPS", [*zoo_runner.DATA_STEPS,
                                                    DataStep("extra", lambda r, c, p: made.append(r))])
     prepare_zoo_data(root, TINY, progress=False)
     assert made == [root] and (root / "meta.json").stat().st_mtime_ns == meta_time  # only the new step ran
     assert json.loads((root / "zoo_data.json").read_text())["steps"] == [*steps, "extra"]
+    # a step that now writes more (version raised) runs again, alone
+    monkeypatch.setattr(zoo_runner, "DATA_STEPS", [*zoo_runner.DATA_STEPS[:-1],
+                                                   DataStep("extra", lambda r, c, p: made.append(r), version=2)])
+    prepare_zoo_data(root, TINY, progress=False)
+    assert made == [root, root] and (root / "meta.json").stat().st_mtime_ns == meta_time
+    assert json.loads((root / "zoo_data.json").read_text())["steps"] == [*steps, "extra@2"]
 
     other = TINY.model_copy(update={"shapes": TINY.shapes.model_copy(update={"num_test": 8})})
     prepare_zoo_data(root, other, progress=False)  # another config: everything again
-    assert (root / "meta.json").stat().st_mtime_ns != meta_time and len(made) == 2
+    assert (root / "meta.json").stat().st_mtime_ns != meta_time and len(made) == 3
     assert json.loads((root / "meta.json").read_text())["splits"]["test"]["images"] == 8
 
 

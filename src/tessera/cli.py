@@ -76,17 +76,21 @@ def data_reading(
     rec_per_image: Annotated[int, typer.Option(help="referring expressions per image (at most)")] = 1,
     text_images_per_image: Annotated[float, typer.Option(help="rendered-text images per base image")] = 0.5,
     charts_per_image: Annotated[float, typer.Option(help="bar charts per base image")] = 0.5,
+    pretrain_texts_per_image: Annotated[float, typer.Option(
+        help="rendered-text images per train image for reading pretraining (train/ocr_pretrain.json)")] = 4.0,
 ) -> None:
     """Add grounding and reading tasks to a ShapesWorld folder: referring expressions (text → box,
     box → text) and grounded captions in the Qwen-VL and CogVLM box formats, rendered text (OCR)
-    and bar charts (chart → Python dict)."""
+    and bar charts (chart → Python dict), and a larger train-only rendered-text set for reading
+    pretraining (Vary-tiny)."""
     from pydantic import ValidationError
 
     from tessera.data.shapes_reading import ReadingTasksConfig, generate_reading_tasks
 
     try:
         options = ReadingTasksConfig(rec_per_image=rec_per_image, text_images_per_image=text_images_per_image,
-                                     charts_per_image=charts_per_image)
+                                     charts_per_image=charts_per_image,
+                                     pretrain_texts_per_image=pretrain_texts_per_image)
         manifest = generate_reading_tasks(root, config=options)
     except (ValidationError, ValueError, FileNotFoundError) as err:
         _fail(str(err))

@@ -13,6 +13,7 @@ ConversationDataset train on them unchanged; the extra keys are for evaluation):
     <split>/reg_qwen.json     referring expression generation, box → text (and reg_cogvlm.json)
     <split>/grounded_caption_qwen.json   every object named with its box (and _cogvlm.json)
     <split>/ocr.json          read the text in the image; answer = the lines, joined by "\\n"
+    train/ocr_pretrain.json   more rendered text, for reading pretraining (Vary-tiny), same format
     <split>/chart.json        convert the chart to a Python dict, e.g. {'red': 3, 'blue': 7}
 
 Box records carry ``width``, ``height`` and the target ``box`` in pixels ([x0, y0, x1, y1],
@@ -75,6 +76,8 @@ READING_FILES: dict[str, str] = {
     "ocr": "ocr.json",
     "chart": "chart.json",
 }
+# Train-only files: more of a task's data for pretraining, never evaluated on.
+PRETRAIN_FILES: dict[str, str] = {"ocr_pretrain": "ocr_pretrain.json"}
 
 # The instructions each system was trained with, shortened.
 PROMPTS: dict[str, str] = {
@@ -113,6 +116,9 @@ class ReadingTasksConfig(BaseModel):
     )
     text_images_per_image: float = Field(0.5, ge=0, le=10, description="rendered-text images")
     charts_per_image: float = Field(0.5, ge=0, le=10, description="bar-chart images")
+    pretrain_texts_per_image: float = Field(
+        4.0, ge=0, le=20, description="rendered-text images for reading pretraining, train split only"
+    )
     max_text_lines: int = Field(2, ge=1, le=4)
     max_words_per_line: int = Field(2, ge=1, le=4)
 
@@ -123,10 +129,12 @@ def _rng(seed: int, task: str, split: str, index: int) -> random.Random:
 
 
 def reading_task_paths(root: str | Path, split: str) -> dict[str, Path]:
-    """Paths of the reading-task files of a split, keyed like ``READING_FILES``."""
+    """Paths of the reading-task files of a split, keyed like ``READING_FILES`` (and, for the
+    train split, ``PRETRAIN_FILES``)."""
     if split not in SPLITS:
         raise ValueError(f"unknown ShapesWorld split {split!r}; expected one of {list(SPLITS)}")
-    return {name: Path(root) / split / file_name for name, file_name in READING_FILES.items()}
+    files = {**READING_FILES, **PRETRAIN_FILES} if split == "train" else READING_FILES
+    return {name: Path(root) / split / file_name for name, file_name in files.items()}
 
 
 def _record(record_id: str, image: str, prompt: str, answer: str, **extra: Any) -> dict[str, Any]:
@@ -274,8 +282,9 @@ def _ocr_sample(
     geometry: _Geometry,
     held_out: Sequence[tuple[str, str]],
     options: ReadingTasksConfig,
+    task: str = "ocr",
 ) -> tuple[Image.Image, list[str]]:
-    rng = _rng(seed, "ocr", split, index)
+    rng = _rng(seed, task, split, index)  # "ocr_pretrain" draws texts of its own
     font = _font(geometry.height)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
 
@@ -295,7 +304,8 @@ def _ocr_sample(
 def _too_small(geometry: _Geometry) -> ValueError:
     return ValueError(
         f"images of {geometry.width}x{geometry.height} px are too small for rendered text; "
-        "use a larger image_size (48 px or more) or text_images_per_image=0"
+        "use a larger image_size (48 px or more) or text_images_per_image=0 and "
+        "pretrain_texts_per_image=0"
     )
 
 
@@ -365,13 +375,14 @@ def generate_reading_tasks(
     options = config or ReadingTasksConfig()
     geometry = _Geometry.from_config(base)
     held_out = set(base.held_out_combos)
-    if options.text_images_per_image > 0:
+    if options.text_images_per_image > 0 or options.pretrain_texts_per_image > 0:
         _check_text_fits(geometry, base.held_out_combos)
     (out / READING_META_FILE).unlink(missing_ok=True)
     counts: dict[str, dict[str, int]] = {}
     for split in SPLITS:
         scenes = _load_split_scenes(out, split)
-        files: dict[str, list[dict[str, Any]]] = {name: [] for name in READING_FILES}
+        paths = reading_task_paths(out, split)
+        files: dict[str, list[dict[str, Any]]] = {name: [] for name in paths}
         for index, (file_name, objects) in enumerate(
             tqdm(
                 list(zip(scenes.file_names, scenes.objects, strict=True)),
@@ -385,26 +396,26 @@ def generate_reading_tasks(
                 files[name].extend(records)
         images = len(scenes.objects)
         (out / READING_IMAGES_DIR / split).mkdir(parents=True, exist_ok=True)
-        for index in tqdm(
-            range(round(options.text_images_per_image * images)),
-            desc=f"ocr {split}",
-            disable=not progress,
-        ):
-            image, lines = _ocr_sample(
-                base.seed, split, index, geometry, base.held_out_combos, options
-            )
-            file_name = _image_name(split, "ocr", index)
-            image.save(out / file_name, format="PNG")
-            files["ocr"].append(
-                _record(
-                    f"{split}_ocr_{index:06d}",
-                    file_name,
-                    PROMPTS["ocr"],
-                    "\n".join(lines),
-                    task="ocr",
-                    lines=lines,
+        text_counts = {"ocr": options.text_images_per_image * images}
+        if split == "train":
+            text_counts["ocr_pretrain"] = options.pretrain_texts_per_image * images
+        for task, count in text_counts.items():
+            for index in tqdm(range(round(count)), desc=f"{task} {split}", disable=not progress):
+                image, lines = _ocr_sample(
+                    base.seed, split, index, geometry, base.held_out_combos, options, task
                 )
-            )
+                file_name = _image_name(split, task, index)
+                image.save(out / file_name, format="PNG")
+                files[task].append(
+                    _record(
+                        f"{split}_{task}_{index:06d}",
+                        file_name,
+                        PROMPTS["ocr"],
+                        "\n".join(lines),
+                        task="ocr",
+                        lines=lines,
+                    )
+                )
         for index in tqdm(
             range(round(options.charts_per_image * images)),
             desc=f"charts {split}",
@@ -423,7 +434,6 @@ def generate_reading_tasks(
                     values=values,
                 )
             )
-        paths = reading_task_paths(out, split)
         for name, records in files.items():
             _write_json_atomic(paths[name], records)
         counts[split] = {name: len(records) for name, records in files.items()}
@@ -440,6 +450,7 @@ def generate_reading_tasks(
         "prompts": dict(PROMPTS),
         "splits": counts,
         "files": {**READING_FILES, "images": READING_IMAGES_DIR},
+        "train_only_files": dict(PRETRAIN_FILES),
     }
     _write_json_atomic(out / READING_META_FILE, manifest, indent=2)
     return manifest

@@ -60,6 +60,12 @@ class ZooDataConfig(Config):
 class DataStep:
     name: str
     run: Callable[[Path, ZooDataConfig, bool], Any]  # (data root, config, progress)
+    version: int = 1  # raised when the step writes new files: folders made before redo the step
+
+    @property
+    def key(self) -> str:
+        """The step's name in the stamp file."""
+        return self.name if self.version == 1 else f"{self.name}@{self.version}"
 
 
 def _shapes_step(root: Path, config: ZooDataConfig, progress: bool) -> None:
@@ -72,7 +78,8 @@ def _classic_tasks_step(root: Path, config: ZooDataConfig, progress: bool) -> No
 
 
 def _reading_tasks_step(root: Path, config: ZooDataConfig, progress: bool) -> None:
-    # Grounding (REC / REG / grounded captions, Qwen-VL and CogVLM boxes), OCR and charts.
+    # Grounding (REC / REG / grounded captions, Qwen-VL and CogVLM boxes), OCR and charts, and
+    # the train-only rendered texts for reading pretraining (version 2).
     generate_reading_tasks(root, progress=progress)
 
 
@@ -80,7 +87,7 @@ def _reading_tasks_step(root: Path, config: ZooDataConfig, progress: bool) -> No
 DATA_STEPS: list[DataStep] = [
     DataStep("shapes", _shapes_step),
     DataStep("classic_tasks", _classic_tasks_step),
-    DataStep("reading_tasks", _reading_tasks_step),
+    DataStep("reading_tasks", _reading_tasks_step, version=2),
 ]
 
 
@@ -102,16 +109,16 @@ def prepare_zoo_data(root: str | Path, config: ZooDataConfig | None = None, *, p
             done = []
     if "shapes" not in done or not (root / META_FILE).is_file():
         done = []  # the base changed: every task file must be made again from it
-    todo = [step for step in DATA_STEPS if step.name not in done]
+    todo = [step for step in DATA_STEPS if step.key not in done]
     if not todo:
         return root
     root.mkdir(parents=True, exist_ok=True)
     stamp_path.unlink(missing_ok=True)  # written last: a folder with a stamp is complete
     for step in todo:
         step.run(root, config, progress)
-        done.append(step.name)
+        done.append(step.key)
     write_json_atomic(stamp_path, {"format": DATA_FORMAT, "config": config.to_dict(),
-                                   "steps": [s.name for s in DATA_STEPS if s.name in done]})
+                                   "steps": [s.key for s in DATA_STEPS if s.key in done]})
     return root
 
 
