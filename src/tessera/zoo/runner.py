@@ -14,8 +14,9 @@ A preset that raises is recorded as failed (its error in results.json and in the
 the others still run.
 
 Data generation is a list of steps (`DATA_STEPS`): the ShapesWorld base, then the task
-generators that write files next to it. A later task family adds one `DataStep`; a folder
-prepared before it gets only the new step on the next run.
+generators that write files next to it. A later task family adds one `DataStep`, and a step
+that starts writing more files raises its `version`; a folder prepared before either gets only
+that step on the next run.
 """
 
 from __future__ import annotations
