@@ -189,7 +189,8 @@ def test_eval_scores_a_reading_task_beside_its_baseline(
 ) -> None:
     data = tmp_path / "shapes"
     assert invoke("data", "shapes", "--out", data, "--image-size", "32", *SHAPES_COUNTS).exit_code == 0
-    made = invoke("data", "reading", "--root", data, "--text-images-per-image", "0", "--charts-per-image", "0")
+    made = invoke("data", "reading", "--root", data, "--text-images-per-image", "0", "--charts-per-image", "0",
+                  "--pretrain-texts-per-image", "0")
     assert made.exit_code == 0, made.output
     out = tmp_path / "rec.json"
     result = invoke("eval", checkpoints["lvlm"], "--data", data, "--task", "rec_qwen", "--limit", "2", "--out", out)
