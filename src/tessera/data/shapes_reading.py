@@ -397,7 +397,7 @@ def generate_reading_tasks(
         images = len(scenes.objects)
         (out / READING_IMAGES_DIR / split).mkdir(parents=True, exist_ok=True)
         text_counts = {"ocr": options.text_images_per_image * images}
-        if split == "train":
+        if "ocr_pretrain" in paths:  # train-only, as reading_task_paths says
             text_counts["ocr_pretrain"] = options.pretrain_texts_per_image * images
         for task, count in text_counts.items():
             for index in tqdm(range(round(count)), desc=f"{task} {split}", disable=not progress):

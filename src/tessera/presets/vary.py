@@ -58,7 +58,9 @@ def vary_tiny_conversations(data_dir: Path, split: str, skips: SkipStats) -> lis
     seeded sample of NEGATIVE_SHARE × as many) answered with NEGATIVE_ANSWER."""
     paths = reading_task_paths(data_dir, split)
     reading: list[Conversation] = []
-    for name in [name for name in ("ocr", "ocr_pretrain", "chart") if name in paths]:
+    for name in ("ocr", "ocr_pretrain", "chart"):
+        if name not in paths:  # the pretraining texts exist in the train split only
+            continue
         if not paths[name].is_file():
             raise FileNotFoundError(f"Vary-tiny needs the reading tasks: {paths[name]} does not exist "
                                     "(write them with `tessera data reading --root DIR`)")
