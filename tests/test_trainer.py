@@ -12,6 +12,7 @@ import torch
 from tessera.config import ConfigError
 from tessera.data.collate import Sample
 from tessera.models.lvlm import LVLM, LVLMConfig
+from tessera.pipeline import scaled
 from tessera.text.llama import LlamaConfig, LlamaDecoder
 from tessera.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from tessera.train.freeze import set_trainable
@@ -193,3 +194,11 @@ def test_bad_config_value_names_the_field() -> None:
         StageConfig.parse({"name": "x", "trainable": ["*"], "steps": 1, "batch_size": 1, "lr": 1e-3, "bogus": 1})
     with pytest.raises(ConfigError, match="act"):
         LlamaConfig.parse({"act": "swish2"})
+
+
+def test_a_pipeline_stage_is_seeded_by_the_run_plus_its_own_seed() -> None:
+    stage = StageConfig(name="s", trainable=["*"], steps=100, batch_size=2, lr=1e-3, warmup_steps=10)
+    assert scaled(stage, 1.0, 5).seed == 5  # a stage without its own seed follows the run
+    assert scaled(stage.model_copy(update={"seed": 3}), 1.0, 5).seed == 8  # one stage reseeded alone
+    short = scaled(stage, 0.1, 5)
+    assert (short.steps, short.warmup_steps) == (10, 1)

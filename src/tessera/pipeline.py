@@ -103,11 +103,13 @@ def stage_template(preset: LVLMPreset, data: str | None) -> ChatTemplate:
 
 
 def scaled(stage: StageConfig, scale: float, seed: int) -> StageConfig:
-    """The stage shortened by `scale` (tests and smoke runs), with the run's seed. The warm-up
-    shrinks with it, so a short run keeps the schedule's shape instead of warming up throughout."""
+    """The stage shortened by `scale` (tests and smoke runs), seeded by the run's seed plus its own
+    (0 unless the preset sets one, so a preset can reseed one stage without changing the others).
+    The warm-up shrinks with it, so a short run keeps the schedule's shape instead of warming up
+    throughout."""
     steps = max(2, int(stage.steps * scale))
     warmup = min(int(stage.warmup_steps * scale), steps - 1)
-    return stage.model_copy(update={"steps": steps, "warmup_steps": warmup, "seed": seed})
+    return stage.model_copy(update={"steps": steps, "warmup_steps": warmup, "seed": seed + stage.seed})
 
 
 @dataclass

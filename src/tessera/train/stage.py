@@ -32,7 +32,7 @@ class StageConfig(Config):
     packing: bool = True
     group_by_image: bool = False  # merge an image's single-turn conversations into multi-turn ones
     max_length: int = 512
-    seed: int = 0
+    seed: int = 0  # in a pipeline, added to the run's seed (`pipeline.scaled`): reseeds this stage alone
     log_every: int = 10
     save_every: int | None = None  # also saves at the end when an output folder is given
     # LoRA adapters the trainer puts on the model before the stage (kept if the model already
