@@ -110,7 +110,9 @@ def tiny_vary_tiny() -> LVLMPreset:
             # never does: the decoder predicts the text from its own prefix and ignores the image
             # (32,000 rendered texts, 1,500 steps: CER 0.97 against 0.81 for the commonest text).
             # This stage reads the OCR task's 4,000 texts (its own CER 0.38): on 36,000 it stays on
-            # its plateau for 1,300 of the 2,000 steps (CER 0.74; RESULTS.md, session 14). From
+            # its plateau for 1,300 of the 2,000 steps (CER 0.74; RESULTS.md, session 14). When it
+            # leaves the plateau depends on the seed (seed 0: step ~400; seed 1: ~1,900, CER 0.73;
+            # session 15), so the zoo row is seed 0 at one thread. From
             # its encoder Vary-tiny reads when it also sees the train-only pretraining texts (4 per
             # train image; CER 0.16-0.20), not given the task's 4,000 alone (0.77; session 13).
             StageConfig(name=READING_STAGE, trainable=["*"], objectives={READING_OBJECTIVE: 1.0}, data="ocr",
