@@ -169,17 +169,18 @@ def get_preset(name: str) -> BLIPPreset:
 
 def train_blip(
     preset: BLIPPreset, stage: StageConfig, tokenizer: Tokenizer, tokenizer_file: Path, captions_file: Path,
-    image_root: Path, transform: ImageTransform, out_dir: Path, *, seed: int = 0, progress: bool = False,
+    image_root: Path, transform: ImageTransform, out_dir: Path, *, progress: bool = False,
 ) -> tuple[BLIP, StageResult]:
-    """A new BLIP pretrained by `stage` on a COCO-captions file; checkpoint in out_dir/final."""
-    seed_everything(seed)
+    """A new BLIP pretrained by `stage` on a COCO-captions file; checkpoint in out_dir/final.
+    The stage's seed (`pipeline.scaled` gives it the run's) seeds the initialisation and the data order."""
+    seed_everything(stage.seed)
     model = BLIP(preset.blip_config(tokenizer))
     model.tokenizer = tokenizer
     task = ImageTextTask.from_coco(captions_file, image_root, tokenizer, transform, stage.max_length,
                                    dict(stage.objectives))
     meta = {"preset": preset.name, "image_size": [transform.height, transform.width],
             "image_mean": list(transform.mean), "image_std": list(transform.std), "captions": str(captions_file)}
-    result = Trainer(model, stage.model_copy(update={"seed": seed}), task, out_dir=out_dir, checkpoint_meta=meta,
+    result = Trainer(model, stage, task, out_dir=out_dir, checkpoint_meta=meta,
                      tokenizer_file=tokenizer_file, progress=progress).fit()
     return model, result
 
@@ -258,7 +259,7 @@ def run(ctx: ZooContext, preset: BLIPPreset | None = None) -> ZooResult:
 
     stage_a = scaled(preset.pretrain_stage, ctx.scale, ctx.seed)
     model_a, result_a = train_blip(preset, stage_a, tokenizer, tokenizer_file, noisy_file, noisy_file.parent,
-                                   transform, out / "model_a", seed=ctx.seed, progress=ctx.progress)
+                                   transform, out / "model_a", progress=ctx.progress)
     seconds["pretrain_noisy"], params["pretrain_noisy"] = result_a.seconds, result_a.trainable.trainable
     notes["pretrain_noisy_final_losses"] = result_a.history[-1] if result_a.history else {}
 
@@ -271,9 +272,9 @@ def run(ctx: ZooContext, preset: BLIPPreset | None = None) -> ZooResult:
     seconds["capfilt"] = time.perf_counter() - start
     notes["capfilt"] = _capfilt_note(summary)
 
-    stage_b = scaled(preset.bootstrap_stage, ctx.scale, ctx.seed)
+    stage_b = scaled(preset.bootstrap_stage, ctx.scale, ctx.seed + 1)  # model B starts from other weights than A
     model_b, result_b = train_blip(preset, stage_b, tokenizer, tokenizer_file, capfilt_dir / "train" / "captions.json",
-                                   capfilt_dir, transform, out / "model_b", seed=ctx.seed + 1, progress=ctx.progress)
+                                   capfilt_dir, transform, out / "model_b", progress=ctx.progress)
     seconds["pretrain_capfilt"], params["pretrain_capfilt"] = result_b.seconds, result_b.trainable.trainable
     notes["pretrain_capfilt_final_losses"] = result_b.history[-1] if result_b.history else {}
 
