@@ -26,7 +26,7 @@ from tessera.objectives.contrastive import clip_loss, siglip_loss
 
 IMAGE_DIM, TEXT_DIM, EMBED_DIM = 6, 5, 4
 TOLERANCE = 1e-9  # float64 throughout: only summation order differs between the two runs
-LOSSES = ("clip", "clip_hard_negatives", "siglip")
+LOSSES = ("clip", "clip_hard_negatives", "siglip", "siglip_hard_negatives")
 
 
 class TinyDualEncoder(nn.Module):
@@ -51,6 +51,10 @@ class TinyDualEncoder(nn.Module):
             negative_emb = F.normalize(self.text_tower(negatives), dim=-1)
             return clip_loss(image_emb, text_emb, self.clip_scale, hard_negative_texts=negative_emb,
                              distributed=distributed)
+        if name == "siglip_hard_negatives":
+            negative_emb = F.normalize(self.text_tower(_hard_negative_inputs(texts, first)), dim=-1)
+            return siglip_loss(image_emb, text_emb, self.siglip_scale, self.siglip_bias,
+                               hard_negative_texts=negative_emb, distributed=distributed)
         return siglip_loss(image_emb, text_emb, self.siglip_scale, self.siglip_bias, distributed=distributed)
 
 

@@ -22,7 +22,7 @@ from tessera.objectives.contrastive import clip_loss, siglip_loss
 from tessera.presets import clip, lit, siglip
 from tessera.text.clip_text import CLIPTextConfig
 from tessera.text.tokenizer import train_bpe
-from tessera.text.word_swaps import WordSwapper
+from tessera.text.word_swaps import CountViews, WordSwapper
 from tessera.train.checkpoint import load_checkpoint
 from tessera.train.stage import StageConfig
 from tessera.train.tasks import ContrastiveTask
@@ -57,6 +57,12 @@ def micro_clip(vocab_size: int, eos_id: int) -> DualEncoder:
     return DualEncoder(DualEncoderConfig(vision=MICRO_VISION, text=text, projection_dim=32))
 
 
+def micro_siglip(vocab_size: int) -> SigLIPDualEncoder:
+    config = siglip.tiny().model
+    text = config.text.model_copy(update={"vocab_size": vocab_size, "max_position_embeddings": 40})
+    return SigLIPDualEncoder(config.model_copy(update={"text": text}))
+
+
 def images_cache() -> ImageCache:
     return ImageCache(ImageTransform(size=(64, 64)), SkipStats())
 
@@ -77,9 +83,7 @@ def test_contrastive_task_picks_the_loss(pairs_and_tokenizer) -> None:
     torch.testing.assert_close(loss, expected)
     assert task.objective(model) == ("itc", 1.0)
 
-    sig = siglip.tiny().model
-    text = sig.text.model_copy(update={"vocab_size": tok.vocab_size, "max_position_embeddings": 40})
-    sig = SigLIPDualEncoder(sig.model_copy(update={"text": text}))
+    sig = micro_siglip(tok.vocab_size)
     loss, logs = task.loss(sig, batch)
     expected = siglip_loss(sig.encode_image(images), sig.encode_text(ids, mask), sig.logit_scale, sig.logit_bias)
     torch.testing.assert_close(loss, expected)
@@ -117,8 +121,12 @@ def test_contrastive_task_hard_negative_captions(pairs_and_tokenizer) -> None:
     expected = clip_loss(model.encode_image(batch.pixels), model.encode_text(batch.ids, batch.mask), model.logit_scale,
                          hard_negative_texts=model.encode_text(batch.negative_ids, batch.negative_mask))
     torch.testing.assert_close(loss, expected)
-    with pytest.raises(ValueError, match="itc objective only"):
-        ContrastiveTask(pairs, tok, images_cache(), 40, {"sigmoid": 1.0}, hard_negatives=WordSwapper.for_shapesworld())
+    sig = micro_siglip(tok.vocab_size)
+    sig_task = ContrastiveTask(pairs[:12], tok, images_cache(), 40, hard_negatives=WordSwapper.for_shapesworld())
+    loss, _ = sig_task.loss(sig, batch)
+    expected = siglip_loss(sig.encode_image(batch.pixels), sig.encode_text(batch.ids, batch.mask), sig.logit_scale,
+                           sig.logit_bias, hard_negative_texts=sig.encode_text(batch.negative_ids, batch.negative_mask))
+    torch.testing.assert_close(loss, expected)
 
     # A swap past the truncation point would make the positive its own negative: dropped.
     caption = "there are 2 shapes: a red circle and a blue square."
@@ -126,6 +134,33 @@ def test_contrastive_task_hard_negative_captions(pairs_and_tokenizer) -> None:
     cut = ContrastiveTask(short, tok, images_cache(), len(tok.encode("there are 2 shapes:")) + 1,
                           hard_negatives=WordSwapper.for_shapesworld()).make_batch([0, 1])
     assert cut is not None and cut.negative_ids is None
+
+
+def test_contrastive_task_count_views(pairs_and_tokenizer) -> None:
+    pairs, tok = pairs_and_tokenizer
+    views = CountViews(probability=1.0, max_count=6)
+    task = ContrastiveTask(pairs[:12], tok, images_cache(), 40, count_views=views)
+    torch.manual_seed(0)
+    batch = task.make_batch(list(range(12)))
+    assert batch is not None and batch.negative_ids is not None
+    texts = [tok.decode(row[m].tolist()) for row, m in zip(batch.ids, batch.mask, strict=True)]
+    negatives = [tok.decode(row[m].tolist()) for row, m in zip(batch.negative_ids, batch.negative_mask, strict=True)]
+    shown = [t for t in texts if views.count(t) is not None]
+    # Every caption with a count clause is shown as the clause alone; the others stay as drawn.
+    assert shown and all(t == views.view(views.count(t)) for t in shown)
+    assert all(views.count(t) is None for t in texts if t not in shown)
+    assert len(negatives) == len(shown)
+    for text, negative in zip(shown, negatives, strict=True):  # a count view's negative is another count
+        assert negative == views.view(views.count(negative)) and views.count(negative) != views.count(text)
+    for pair, text in zip(pairs[:12], texts, strict=True):  # the clause of the image's own caption
+        if text in shown:
+            assert any(views.count(c) == views.count(text) for c in pair.captions)
+    never = ContrastiveTask(pairs[:12], tok, images_cache(), 40, count_views=CountViews(0.0, 6))
+    torch.manual_seed(0)
+    plain = never.make_batch(list(range(12)))
+    assert plain is not None and plain.negative_ids is None
+    assert all(views.count(tok.decode(row[m].tolist())) is None or ":" in tok.decode(row[m].tolist())
+               for row, m in zip(plain.ids, plain.mask, strict=True))
 
 
 def test_pad_to_max_length(pairs_and_tokenizer) -> None:

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tessera.data.shapes import COLORS, SHAPES, SIZES
-from tessera.objectives.contrastive import clip_loss
-from tessera.text.word_swaps import WordGroup, WordSwapper
+from tessera.data.shapes import COLORS, SHAPES, SIZES, count_clause
+from tessera.objectives.contrastive import clip_loss, siglip_loss
+from tessera.text.word_swaps import CountViews, WordGroup, WordSwapper
 
 
 def _changed_words(before: str, after: str) -> list[tuple[str, str]]:
@@ -91,6 +91,43 @@ def test_clip_loss_hard_negatives_are_extra_image_to_text_columns() -> None:
     assert torch.allclose(clip_loss(images, texts, scale, hard_negative_texts=texts[:0]), clip_loss(images, texts, scale))
     with pytest.raises(ValueError, match="hard_negative_texts"):
         clip_loss(images, texts, scale, hard_negative_texts=negatives[:, :4])
+
+
+def test_siglip_loss_hard_negatives_are_extra_negative_pairs_of_every_image() -> None:
+    g = torch.Generator().manual_seed(0)
+    images = F.normalize(torch.randn(4, 8, generator=g), dim=-1)
+    texts = F.normalize(torch.randn(4, 8, generator=g), dim=-1)
+    negatives = F.normalize(torch.randn(3, 8, generator=g), dim=-1)
+    scale, bias = torch.tensor([2.0]), torch.tensor([-3.0])
+    logits = scale.exp() * images @ torch.cat([texts, negatives]).t() + bias  # (4, 7)
+    signs = -torch.ones(4, 7)
+    signs[torch.arange(4), torch.arange(4)] = 1.0
+    expected = -F.logsigmoid(signs * logits).sum() / 4
+    got = siglip_loss(images, texts, scale, bias, hard_negative_texts=negatives)
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert torch.allclose(siglip_loss(images, texts, scale, bias, hard_negative_texts=texts[:0]),
+                          siglip_loss(images, texts, scale, bias))
+    with pytest.raises(ValueError, match="hard_negative_texts"):
+        siglip_loss(images, texts, scale, bias, hard_negative_texts=negatives[:, :4])
+
+
+def test_count_views_read_the_count_and_negatives_name_another() -> None:
+    views = CountViews(probability=0.5, max_count=6)
+    assert views.count("there are 3 shapes: a red circle, a blue cross and a green square.") == 3
+    assert views.count("an image of there is 1 shape: a red circle.") == 1
+    assert views.count("a red circle above a blue cross.") is None
+    assert views.count("there are 9 shapes: ...") is None  # beyond max_count: no view, not a wrong one
+    for n in range(1, 7):
+        assert views.view(n) == f"{count_clause(n)}." and views.count(views.view(n)) == n
+        others = {views.count(views.negative(n, random.Random(seed))) for seed in range(100)}
+        assert others == set(range(1, 7)) - {n}  # every other count, never the true one
+    assert views.view(1) == "there is 1 shape." and views.view(2) == "there are 2 shapes."
+    with pytest.raises(ValueError, match="probability"):
+        CountViews(probability=1.5, max_count=6)
+    with pytest.raises(ValueError, match="max_count"):
+        CountViews(probability=0.5, max_count=1)
+    meta = {"config": {"max_objects": 4}}
+    assert CountViews.for_shapesworld(0.2, meta) == CountViews(0.2, 4)
 
 
 def test_drop_removes_every_word_of_a_group_and_fixes_articles() -> None:

@@ -395,15 +395,17 @@ def _pick(rng: random.Random, candidates: Sequence[_T], preferred: Callable[[_T]
     return rng.choice(favoured or list(candidates))
 
 
+def count_clause(count: int) -> str:
+    """How a caption says how many objects an image holds: "there is 1 shape", "there are 3 shapes"."""
+    return "there is 1 shape" if count == 1 else f"there are {count} shapes"
+
+
 def _captions(rng: random.Random, objects: Sequence[ShapeObject], geometry: _Geometry) -> list[str]:
     full = _join([_with_article(o.phrase()) for o in objects])
     plain = _join([_with_article(o.phrase(("color", "shape"))) for o in objects])
     opening = rng.choice(("{}.", "an image of {}.", "a picture with {}."))
     captions = [opening.format(full)]
-    if len(objects) == 1:
-        captions.append(f"there is 1 shape: {plain}.")
-    else:
-        captions.append(f"there are {len(objects)} shapes: {plain}.")
+    captions.append(f"{count_clause(len(objects))}: {plain}.")
     pairs = _separated_pairs(objects, geometry)
     if pairs:
         a, b, axis = rng.choice(pairs)

@@ -50,6 +50,19 @@ def _global_layout(local_size: int, device: torch.device, distributed: bool,
     return sizes, sum(sizes[:rank]), world
 
 
+def _with_hard_negatives(all_texts: Tensor, hard_negative_texts: Tensor | None, world: int,
+                         group: dist.ProcessGroup | None) -> Tensor:
+    """The global texts (N, P) followed by every rank's hard negatives (M, P), gathered with gradient."""
+    if hard_negative_texts is None:
+        return all_texts
+    if hard_negative_texts.ndim != 2 or hard_negative_texts.shape[1] != all_texts.shape[1]:
+        raise ValueError(f"hard_negative_texts must be (m, {all_texts.shape[1]}), got {tuple(hard_negative_texts.shape)}")
+    if world > 1:
+        negative_sizes = gather_sizes(hard_negative_texts.shape[0], all_texts.device, group)
+        hard_negative_texts = gather_with_grad(hard_negative_texts, group, negative_sizes)
+    return torch.cat([all_texts, hard_negative_texts])
+
+
 def clip_loss(
     image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor, *, hard_negative_texts: Tensor | None = None,
     distributed: bool = False, group: dist.ProcessGroup | None = None,
@@ -70,15 +83,8 @@ def clip_loss(
     _check_pairs(image_emb, text_emb)
     sizes, start, world = _global_layout(image_emb.shape[0], image_emb.device, distributed, group)
     all_images = gather_with_grad(image_emb, group, sizes) if world > 1 else image_emb
-    all_texts = gather_with_grad(text_emb, group, sizes) if world > 1 else text_emb
-    if hard_negative_texts is not None:
-        if hard_negative_texts.ndim != 2 or hard_negative_texts.shape[1] != text_emb.shape[1]:
-            raise ValueError(f"hard_negative_texts must be (m, {text_emb.shape[1]}), "
-                             f"got {tuple(hard_negative_texts.shape)}")
-        if world > 1:
-            negative_sizes = gather_sizes(hard_negative_texts.shape[0], image_emb.device, group)
-            hard_negative_texts = gather_with_grad(hard_negative_texts, group, negative_sizes)
-        all_texts = torch.cat([all_texts, hard_negative_texts])
+    all_texts = _with_hard_negatives(gather_with_grad(text_emb, group, sizes) if world > 1 else text_emb,
+                                     hard_negative_texts, world, group)
     scale = logit_scale.exp()
     image_to_text = scale * image_emb @ all_texts.t()  # (n, N [+ M hard negatives])
     text_to_image = scale * text_emb @ all_images.t()  # (n, N)
@@ -91,7 +97,7 @@ def clip_loss(
 
 def siglip_loss(
     image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor, logit_bias: Tensor, *,
-    distributed: bool = False, group: dist.ProcessGroup | None = None,
+    hard_negative_texts: Tensor | None = None, distributed: bool = False, group: dist.ProcessGroup | None = None,
 ) -> Tensor:
     """SigLIP's pairwise sigmoid loss. image_emb, text_emb (n, P) unit-norm; logit_scale is t'
     (the LOG of t) and logit_bias is b, scalars or shape (1,) as SigLIPDualEncoder stores them.
@@ -107,10 +113,14 @@ def siglip_loss(
     rather than the paper's ring of neighbour exchanges because it reuses the one
     gradient-correct collective; it holds an (n, N) logit block per rank where the ring holds
     (n, n) at a time, which only matters at batch sizes far beyond Tessera's CPU scale.
+
+    `hard_negative_texts` (m, P) are further texts paired with every image as negatives (−1),
+    gathered from all ranks as the texts are, as in clip_loss.
     """
     _check_pairs(image_emb, text_emb)
     sizes, start, world = _global_layout(image_emb.shape[0], image_emb.device, distributed, group)
     all_texts = gather_with_grad(text_emb, group, sizes) if world > 1 else text_emb
+    all_texts = _with_hard_negatives(all_texts, hard_negative_texts, world, group)
     logits = logit_scale.exp() * image_emb @ all_texts.t() + logit_bias  # (n, N)
     local = torch.arange(image_emb.shape[0], device=logits.device)
     signs = torch.full_like(logits, -1.0)

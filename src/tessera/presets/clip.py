@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from tessera.config import Config
 from tessera.data.datasets import CaptionPairs, ImageCache, group_captions
 from tessera.data.images import ImageTransform
-from tessera.data.readers import read_coco_captions, shapes_split_paths
+from tessera.data.readers import load_meta, read_coco_captions, shapes_split_paths
 from tessera.data.records import SkipStats
 from tessera.data.shapes_tasks import ZEROSHOT_TASKS, classic_task_paths
 from tessera.data.task_readers import (
@@ -51,6 +51,7 @@ from tessera.models.dual_encoder import DualEncoder, DualEncoderConfig, SigLIPDu
 from tessera.pipeline import scaled
 from tessera.text.clip_text import CLIPTextConfig
 from tessera.text.tokenizer import Tokenizer, train_bpe
+from tessera.text.word_swaps import CountViews
 from tessera.train.stage import StageConfig
 from tessera.train.tasks import ContrastiveTask
 from tessera.train.trainer import StageResult, Trainer, seed_everything
@@ -66,6 +67,9 @@ class CLIPPreset(Config):
     model: DualEncoderConfig
     tokenizer_vocab_size: int = 1024
     max_text_length: int = 40  # tokens per caption, EOS included (CLIP: 77)
+    # Share of training images shown with their caption's count clause alone, another count as its
+    # hard negative (CountViews); 0 trains on the captions as they are.
+    count_views: float = 0.0
     stage: StageConfig
 
 
@@ -125,6 +129,11 @@ def zoo_tokenizer(data_dir: Path, vocab_size: int, out_dir: Path) -> tuple[Token
     tokenizer = train_bpe([c.caption for c in captions], vocab_size=vocab_size)
     tokenizer_file = tokenizer.save(out_dir / TOKENIZER_DIR)
     return tokenizer, tokenizer_file, group_captions(captions)
+
+
+def zoo_count_views(data_dir: Path, probability: float) -> CountViews | None:
+    """The CountViews of a dual encoder's zoo recipe (None when its probability is 0)."""
+    return CountViews.for_shapesworld(probability, load_meta(data_dir)) if probability > 0 else None
 
 
 def with_tokenizer(text: CLIPTextConfig, tokenizer: Tokenizer) -> CLIPTextConfig:
@@ -262,7 +271,8 @@ def run(ctx: ZooContext, preset: CLIPPreset | None = None) -> ZooResult:
     tokenizer, tokenizer_file, pairs = zoo_tokenizer(ctx.data_dir, preset.tokenizer_vocab_size, ctx.out_dir)
     model = DualEncoder(preset.model.model_copy(update={"text": with_tokenizer(preset.model.text, tokenizer)}))
     images = image_cache(preset.model.vision)
-    task = ContrastiveTask(pairs, tokenizer, images, preset.max_text_length, preset.stage.objectives)
+    task = ContrastiveTask(pairs, tokenizer, images, preset.max_text_length, preset.stage.objectives,
+                           count_views=zoo_count_views(ctx.data_dir, preset.count_views))
     meta = {"preset": preset.name, "image_size": [preset.model.vision.image_size] * 2}
     stage = train_stage(model, preset.stage, task, ctx, tokenizer_file, meta)
     return dual_encoder_result(model, tokenizer, task, ctx, images, [stage], notes={

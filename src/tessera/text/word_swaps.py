@@ -7,6 +7,13 @@ Two uses, one implementation:
 - CapFilt's noisy "web" captions (capfilt.corrupt_captions): every colour word, every shape word
   or both swapped.
 
+A third, `CountViews`, rewrites a caption that says how many objects an image holds ("there are 3
+shapes: a red circle, ...") to that clause alone ("there are 3 shapes."), with another count as its
+hard negative: the rest of the caption names every object, so without such views the contrastive
+loss never needs the image tower to count (the dual encoders' zero-shot count stayed at its
+constant baseline), and a count swapped in the FULL caption would contradict its own list, which
+the text tower could spot without the image.
+
 A `WordSwapper` holds groups of interchangeable words (a group may give plural forms, which are
 swapped for plurals) and colour-shape pairs that a swap must never write (the held-out pairs of
 a compositional test split). Articles are fixed ("an orange" → "a red") so that grammar gives no
@@ -136,3 +143,48 @@ def _fix_article(tokens: list[str], index: int) -> None:
         return
     article = "an" if tokens[index][:1].lower() in "aeiou" else "a"
     tokens[index - 2] = article.capitalize() if tokens[index - 2][:1].isupper() else article
+
+
+_COUNT_CLAUSE = re.compile(r"\bthere (?:is|are) (\d+) shapes?\b")
+
+
+@dataclass(frozen=True)
+class CountViews:
+    """With probability `probability`, a caption holding a count clause is shown as that clause
+    alone, with a different count in 1..`max_count` as its hard negative (see the module docstring).
+    Clauses are written by `tessera.data.shapes.count_clause`, as ShapesWorld's captions are."""
+
+    probability: float
+    max_count: int
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.probability <= 1.0:
+            raise ValueError(f"count-view probability must lie in [0, 1], got {self.probability}")
+        if self.max_count < 2:
+            raise ValueError(f"count views need max_count >= 2 (a negative needs another count), got {self.max_count}")
+
+    @classmethod
+    def for_shapesworld(cls, probability: float, meta: Mapping | None = None) -> CountViews:
+        """`meta` (a dataset's meta.json) supplies the largest object count, else the default."""
+        from tessera.data.shapes import ShapesConfig
+
+        config = (meta or {}).get("config")
+        max_count = config["max_objects"] if isinstance(config, Mapping) else ShapesConfig().max_objects
+        return cls(probability, int(max_count))
+
+    def count(self, caption: str) -> int | None:
+        """The count a caption states, or None when it states none (or one beyond max_count)."""
+        match = _COUNT_CLAUSE.search(caption)
+        if match is None or not 1 <= int(match.group(1)) <= self.max_count:
+            return None
+        return int(match.group(1))
+
+    def view(self, count: int) -> str:
+        from tessera.data.shapes import count_clause
+
+        return f"{count_clause(count)}."
+
+    def negative(self, count: int, rng: random.Random) -> str:
+        """The view of a count other than `count`, drawn uniformly."""
+        return self.view(rng.choice([n for n in range(1, self.max_count + 1) if n != count]))
+

@@ -29,7 +29,7 @@ from tessera.models.slot_reader import SlotReader
 from tessera.objectives.contrastive import clip_loss, region_phrase_loss, siglip_loss
 from tessera.objectives.lm import next_token_loss
 from tessera.text.tokenizer import Tokenizer
-from tessera.text.word_swaps import WordSwapper
+from tessera.text.word_swaps import CountViews, WordSwapper
 
 
 def _check_objectives(objectives: dict[str, float], allowed: set[str], task: str) -> None:
@@ -110,10 +110,13 @@ class ContrastiveTask:
     all ranks (features gathered with gradients, see objectives.contrastive). SigLIP's text
     tower pools the LAST position, so its texts must all have one length: `pad_to_max_length`
     pads every text to `max_text_length`, as SigLIP pads to its 64 tokens. `hard_negatives`
-    (ITC only) adds, for each drawn caption, that caption with one attribute word swapped as an
+    adds, for each drawn caption, that caption with one attribute word swapped as an
     extra image→text negative (NegCLIP; see text/word_swaps.py): on ShapesWorld the in-batch
     negatives differ in their colours almost always, and without such captions the ViT learns
-    colour but hardly shape. `grayscale` shows some images without colour (GrayscaleViews). {"region": w} beside "itc" adds the region-phrase loss over
+    colour but hardly shape. `grayscale` shows some images without colour (GrayscaleViews).
+    `count_views` shows some images with only their caption's count clause and another count as
+    a hard negative (CountViews: the signal that makes a dual encoder count). {"region": w} beside
+    "itc" adds the region-phrase loss over
     `regions` (image file → its objects' boxes and phrases, `read_coco_regions`): object boxes
     pooled from the patch tokens against phrases like "a large red circle.", the local signal
     that makes the patch tokens (what LLaVA's connector reads) encode shape. {"region_patches": w}
@@ -132,6 +135,7 @@ class ContrastiveTask:
         max_text_length: int, objectives: dict[str, float] | None = None, *,
         distributed: bool = False, pad_to_max_length: bool = False, hard_negatives: WordSwapper | None = None,
         regions: Mapping[Path, Sequence[RegionPhrase]] | None = None, grayscale: GrayscaleViews | None = None,
+        count_views: CountViews | None = None,
     ) -> None:
         if objectives is not None:
             _check_objectives(objectives, set(CONTRASTIVE_OBJECTIVES), "ContrastiveTask")
@@ -147,10 +151,9 @@ class ContrastiveTask:
         uses_regions = objectives is not None and bool(set(objectives) & set(REGION_OBJECTIVES))
         self.regions = regions if uses_regions else None
         self.objectives = objectives
-        if hard_negatives is not None and objectives is not None and "itc" not in objectives:
-            raise ValueError(f"hard-negative captions are implemented for the itc objective only, not {sorted(objectives)}")
         self.hard_negatives = hard_negatives
         self.grayscale = grayscale
+        self.count_views = count_views
         self.distributed, self.pad_to_max_length = distributed, pad_to_max_length
         self.pairs, self.tokenizer, self.images = pairs, tokenizer, images
         self.max_text_length = max_text_length
@@ -178,7 +181,8 @@ class ContrastiveTask:
         # One caption per image, drawn from torch's RNG so a resumed run draws the same.
         choices = torch.randint(0, 1 << 30, (len(indices),)).tolist()
         gray_draws = torch.rand(len(indices)).tolist() if self.grayscale is not None else [1.0] * len(indices)
-        for i, choice, draw in zip(indices, choices, gray_draws, strict=True):
+        count_draws = torch.rand(len(indices)).tolist() if self.count_views is not None else [1.0] * len(indices)
+        for i, choice, draw, count_draw in zip(indices, choices, gray_draws, count_draws, strict=True):
             pair = self.pairs[i]
             px = self.images.get(pair.image)
             if px is None:
@@ -191,9 +195,14 @@ class ContrastiveTask:
             pixels.append(px)
             kept.append(pair.image)
             gray.append(is_gray)
+            count = self.count_views.count(text) if self.count_views is not None else None
+            if self.count_views is not None and count is not None and count_draw < self.count_views.probability:
+                texts.append(self.count_views.view(count))
+                negatives.append(self.count_views.negative(count, random.Random(choice)))
+                continue
             texts.append(text)
-            if self.hard_negatives is not None:
-                negatives.append(self.hard_negatives.swap(texts[-1], random.Random(choice)))
+            negatives.append(self.hard_negatives.swap(text, random.Random(choice))
+                             if self.hard_negatives is not None else None)
         if len(pixels) < 2:
             return None
         rows = self.token_rows(texts)
@@ -201,7 +210,7 @@ class ContrastiveTask:
         batch = ContrastiveBatch(self.images.normalize(torch.stack(pixels)), ids, mask)
         if self.regions is not None:
             self._add_regions(batch, kept, gray)
-        if self.hard_negatives is None:
+        if not self.uses_negatives:
             return batch
         # A swap past the truncation point would leave the positive itself as a "negative".
         swapped = [(row, text) for row, text in zip(rows, negatives, strict=True) if text is not None]
@@ -245,6 +254,11 @@ class ContrastiveTask:
             ids, mask = self.encode_texts(kinds)
             batch.patch_labels[objective] = PatchLabels(ids, mask, torch.tensor([kinds.index(k) for k in per_box]))
 
+    @property
+    def uses_negatives(self) -> bool:
+        """Whether batches may carry hard-negative captions (word swaps or count views)."""
+        return self.hard_negatives is not None or self.count_views is not None
+
     def objective(self, model: nn.Module) -> tuple[str, float]:
         """(loss name, weight) this task trains `model` with."""
         if self.objectives is None:
@@ -279,21 +293,20 @@ class ContrastiveTask:
         else:
             img = model.encode_image(batch.pixels)
         txt = model.encode_text(batch.ids, batch.mask)
-        if self.hard_negatives is not None and name != "itc":
-            raise ValueError(f"hard-negative captions are implemented for the itc objective only, not {name!r}")
         logs = {"logit_scale": float(model.logit_scale.detach().exp())}
+        negatives = None
+        if self.uses_negatives:
+            # Every rank encodes (possibly zero) negatives, so the gather in the loss matches.
+            negatives = (model.encode_text(batch.negative_ids, batch.negative_mask)
+                         if batch.negative_ids is not None else txt[:0])
         if name == "sigmoid":
             bias = getattr(model, "logit_bias", None)
             if bias is None:
                 raise ValueError(f"the sigmoid objective needs a model with a logit_bias; {type(model).__name__} has none")
-            loss = siglip_loss(img, txt, model.logit_scale, bias, distributed=self.distributed)
+            loss = siglip_loss(img, txt, model.logit_scale, bias, hard_negative_texts=negatives,
+                               distributed=self.distributed)
             logs["logit_bias"] = float(bias.detach())
         else:
-            negatives = None
-            if self.hard_negatives is not None:
-                # Every rank encodes (possibly zero) negatives, so the gather in clip_loss matches.
-                negatives = (model.encode_text(batch.negative_ids, batch.negative_mask)
-                             if batch.negative_ids is not None else txt[:0])
             loss = clip_loss(img, txt, model.logit_scale, hard_negative_texts=negatives,
                              distributed=self.distributed)
         with torch.no_grad():
