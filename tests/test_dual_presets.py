@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tessera.data.datasets import CaptionPairs, ImageCache, group_captions
 from tessera.data.images import ImageTransform
@@ -16,13 +17,14 @@ from tessera.data.readers import read_coco_captions, shapes_split_paths
 from tessera.data.records import SkipStats
 from tessera.data.shapes import ShapesConfig, generate_shapes
 from tessera.data.shapes_tasks import generate_classic_tasks
+from tessera.data.templates import IGNORE_INDEX
 from tessera.eval.retrieval import retrieval_recall
 from tessera.models.dual_encoder import DualEncoder, DualEncoderConfig, SigLIPDualEncoder
 from tessera.objectives.contrastive import clip_loss, siglip_loss
 from tessera.presets import clip, lit, siglip
 from tessera.text.clip_text import CLIPTextConfig
 from tessera.text.tokenizer import train_bpe
-from tessera.text.word_swaps import CountViews, WordSwapper
+from tessera.text.word_swaps import CountPhrases, WordSwapper
 from tessera.train.checkpoint import load_checkpoint
 from tessera.train.stage import StageConfig
 from tessera.train.tasks import ContrastiveTask
@@ -136,31 +138,36 @@ def test_contrastive_task_hard_negative_captions(pairs_and_tokenizer) -> None:
     assert cut is not None and cut.negative_ids is None
 
 
-def test_contrastive_task_count_views(pairs_and_tokenizer) -> None:
+def test_contrastive_task_count_objective(pairs_and_tokenizer) -> None:
     pairs, tok = pairs_and_tokenizer
-    views = CountViews(probability=1.0, max_count=6)
-    task = ContrastiveTask(pairs[:12], tok, images_cache(), 40, count_views=views)
-    torch.manual_seed(0)
-    batch = task.make_batch(list(range(12)))
-    assert batch is not None and batch.negative_ids is not None
-    texts = [tok.decode(row[m].tolist()) for row, m in zip(batch.ids, batch.mask, strict=True)]
-    negatives = [tok.decode(row[m].tolist()) for row, m in zip(batch.negative_ids, batch.negative_mask, strict=True)]
-    shown = [t for t in texts if views.count(t) is not None]
-    # Every caption with a count clause is shown as the clause alone; the others stay as drawn.
-    assert shown and all(t == views.view(views.count(t)) for t in shown)
-    assert all(views.count(t) is None for t in texts if t not in shown)
-    assert len(negatives) == len(shown)
-    for text, negative in zip(shown, negatives, strict=True):  # a count view's negative is another count
-        assert negative == views.view(views.count(negative)) and views.count(negative) != views.count(text)
-    for pair, text in zip(pairs[:12], texts, strict=True):  # the clause of the image's own caption
-        if text in shown:
-            assert any(views.count(c) == views.count(text) for c in pair.captions)
-    never = ContrastiveTask(pairs[:12], tok, images_cache(), 40, count_views=CountViews(0.0, 6))
-    torch.manual_seed(0)
-    plain = never.make_batch(list(range(12)))
-    assert plain is not None and plain.negative_ids is None
-    assert all(views.count(tok.decode(row[m].tolist())) is None or ":" in tok.decode(row[m].tolist())
-               for row, m in zip(plain.ids, plain.mask, strict=True))
+    counts = CountPhrases(max_count=6)
+    pairs = [*pairs[:7], CaptionPairs(pairs[7].image, ("a red circle.",))]  # an image without a count caption
+    task = ContrastiveTask(pairs, tok, images_cache(), 40, {"itc": 1.0, "count": 0.5}, counts=counts)
+    batch = task.make_batch(list(range(8)))
+    assert batch is not None and batch.count_targets is not None and batch.count_ids is not None
+    # Each image's target is the count its own captions state; no count caption: ignored.
+    expected = [next(counts.count(c) for c in p.captions if counts.count(c)) - 1 for p in pairs[:7]]
+    assert batch.count_targets.tolist() == [*expected, IGNORE_INDEX]
+    phrases = [tok.decode(row[m].tolist()) for row, m in zip(batch.count_ids, batch.count_mask, strict=True)]
+    assert phrases == counts.phrases()
+
+    model = micro_clip(tok.vocab_size, tok.eos_id)
+    loss, logs = task.loss(model, batch)
+    img, txt = model.encode_image(batch.pixels), model.encode_text(batch.ids, batch.mask)
+    count_logits = model.logit_scale.exp() * img[:7] @ model.encode_text(batch.count_ids, batch.count_mask).t()
+    count_loss = F.cross_entropy(count_logits, torch.tensor(expected))
+    torch.testing.assert_close(loss, clip_loss(img, txt, model.logit_scale) + 0.5 * count_loss)
+    assert logs["count"] == pytest.approx(float(count_loss.detach()))
+    # The same objective beside SigLIP's loss.
+    sig = micro_siglip(tok.vocab_size)
+    sig_task = ContrastiveTask(pairs, tok, images_cache(), 40, {"sigmoid": 1.0, "count": 1.0}, counts=counts)
+    loss, logs = sig_task.loss(sig, batch)
+    assert "count" in logs and "sigmoid" in logs
+    with pytest.raises(ValueError, match="needs `counts`"):
+        ContrastiveTask(pairs, tok, images_cache(), 40, {"itc": 1.0, "count": 1.0})
+    with pytest.raises(ValueError, match="one loss"):
+        ContrastiveTask(pairs, tok, images_cache(), 40, {"count": 1.0}, counts=counts)
+    assert ContrastiveTask(pairs, tok, images_cache(), 40).make_batch([0, 1]).count_targets is None
 
 
 def test_pad_to_max_length(pairs_and_tokenizer) -> None:

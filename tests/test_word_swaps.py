@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from tessera.data.shapes import COLORS, SHAPES, SIZES, count_clause
 from tessera.objectives.contrastive import clip_loss, siglip_loss
-from tessera.text.word_swaps import CountViews, WordGroup, WordSwapper
+from tessera.text.word_swaps import CountPhrases, WordGroup, WordSwapper
 
 
 def _changed_words(before: str, after: str) -> list[tuple[str, str]]:
@@ -111,23 +111,18 @@ def test_siglip_loss_hard_negatives_are_extra_negative_pairs_of_every_image() ->
         siglip_loss(images, texts, scale, bias, hard_negative_texts=negatives[:, :4])
 
 
-def test_count_views_read_the_count_and_negatives_name_another() -> None:
-    views = CountViews(probability=0.5, max_count=6)
-    assert views.count("there are 3 shapes: a red circle, a blue cross and a green square.") == 3
-    assert views.count("an image of there is 1 shape: a red circle.") == 1
-    assert views.count("a red circle above a blue cross.") is None
-    assert views.count("there are 9 shapes: ...") is None  # beyond max_count: no view, not a wrong one
-    for n in range(1, 7):
-        assert views.view(n) == f"{count_clause(n)}." and views.count(views.view(n)) == n
-        others = {views.count(views.negative(n, random.Random(seed))) for seed in range(100)}
-        assert others == set(range(1, 7)) - {n}  # every other count, never the true one
-    assert views.view(1) == "there is 1 shape." and views.view(2) == "there are 2 shapes."
-    with pytest.raises(ValueError, match="probability"):
-        CountViews(probability=1.5, max_count=6)
+def test_count_phrases_read_the_count_a_caption_states() -> None:
+    counts = CountPhrases(max_count=6)
+    assert counts.count("there are 3 shapes: a red circle, a blue cross and a green square.") == 3
+    assert counts.count("an image of there is 1 shape: a red circle.") == 1
+    assert counts.count("a red circle above a blue cross.") is None
+    assert counts.count("there are 9 shapes: ...") is None  # beyond max_count: no target, not a wrong one
+    assert counts.phrases() == [f"{count_clause(n)}." for n in range(1, 7)]
+    assert counts.phrase(1) == "there is 1 shape." and counts.phrase(2) == "there are 2 shapes."
+    assert [counts.count(p) for p in counts.phrases()] == list(range(1, 7))
     with pytest.raises(ValueError, match="max_count"):
-        CountViews(probability=0.5, max_count=1)
-    meta = {"config": {"max_objects": 4}}
-    assert CountViews.for_shapesworld(0.2, meta) == CountViews(0.2, 4)
+        CountPhrases(max_count=1)
+    assert CountPhrases.for_shapesworld({"config": {"max_objects": 4}}) == CountPhrases(4)
 
 
 def test_drop_removes_every_word_of_a_group_and_fixes_articles() -> None:

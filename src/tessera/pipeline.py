@@ -41,10 +41,11 @@ from tessera.presets.base import LVLMPreset, from_llava
 from tessera.presets.llava import LLaVAPreset
 from tessera.text.llama import LlamaDecoder
 from tessera.text.tokenizer import Tokenizer, train_bpe
-from tessera.text.word_swaps import WordSwapper
+from tessera.text.word_swaps import CountPhrases, WordSwapper
 from tessera.train.checkpoint import load_checkpoint
 from tessera.train.stage import StageConfig
 from tessera.train.tasks import (
+    COUNT_OBJECTIVE,
     REGION_OBJECTIVES,
     ContrastiveTask,
     ConversationTask,
@@ -212,8 +213,11 @@ def train_lvlm(
         if set(preset.clip_stage.objectives) & set(REGION_OBJECTIVES):
             regions, region_skips = read_coco_regions(train_paths["objects"], data_dir)
             skips.merge(region_skips)
+        counts = (CountPhrases.for_shapesworld(load_meta(data_dir))
+                  if COUNT_OBJECTIVE in preset.clip_stage.objectives else None)
         task = ContrastiveTask(group_captions(captions), tokenizer, clip_images, preset.text_tower.max_position_embeddings,
-                               dict(preset.clip_stage.objectives), hard_negatives=swapper, regions=regions, grayscale=grayscale)
+                               dict(preset.clip_stage.objectives), hard_negatives=swapper, regions=regions,
+                               grayscale=grayscale, counts=counts)
         run(clip, preset.clip_stage, task, out / "clip")
     if "lm" in stages:
         lm = LlamaDecoder(preset.llm.model_copy(update={"vocab_size": tokenizer.vocab_size}))

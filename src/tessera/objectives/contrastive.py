@@ -5,7 +5,8 @@
 - siglip_loss (SigLIP): pairwise sigmoid loss, label +1 on the diagonal and -1 elsewhere,
   summed over all pairs and divided by the number of images.
 - region_phrase_loss: boxes of objects against short phrases naming them ("a large red
-  circle."), the local signal that makes a ViT's patch tokens encode what sits where.
+  circle."), the local signal that makes a ViT's patch tokens encode what sits where (and
+  images against the count phrases, "there are 3 shapes.").
 - bank_itc_loss (ALBEF's and BLIP's ITC): images and texts scored against banks of candidates
   (momentum features of the batch plus a queue) with soft targets (`positive_targets` spread
   over every candidate of the same image, mixed with momentum distillation); one process.
@@ -132,7 +133,8 @@ def region_phrase_loss(region_emb: Tensor, phrase_emb: Tensor, targets: Tensor, 
     """Region-level ITC (as RegionCLIP / GLIP align boxes with phrases): each region (M, P) is
     classified among the batch's distinct phrases (U, P) by scaled cosine, targets (M,) the
     index of its own phrase; mean cross-entropy. logit_scale is the LOG of the scale, shared
-    with the image-level loss. Local to each process."""
+    with the image-level loss. Local to each process. Also the count objective's loss (whole
+    images against the count phrases, train.tasks.ContrastiveTask)."""
     if region_emb.ndim != 2 or phrase_emb.ndim != 2 or region_emb.shape[1] != phrase_emb.shape[1]:
         raise ValueError(f"expected regions (M, P) and phrases (U, P), got {tuple(region_emb.shape)} and "
                          f"{tuple(phrase_emb.shape)}")

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +51,9 @@ from tessera.models.dual_encoder import DualEncoder, DualEncoderConfig, SigLIPDu
 from tessera.pipeline import scaled
 from tessera.text.clip_text import CLIPTextConfig
 from tessera.text.tokenizer import Tokenizer, train_bpe
-from tessera.text.word_swaps import CountViews
+from tessera.text.word_swaps import CountPhrases
 from tessera.train.stage import StageConfig
-from tessera.train.tasks import ContrastiveTask
+from tessera.train.tasks import COUNT_OBJECTIVE, ContrastiveTask
 from tessera.train.trainer import StageResult, Trainer, seed_everything
 from tessera.vision.vit import ViTConfig
 from tessera.zoo.core import SPLITS, ZooContext, ZooResult
@@ -67,9 +67,6 @@ class CLIPPreset(Config):
     model: DualEncoderConfig
     tokenizer_vocab_size: int = 1024
     max_text_length: int = 40  # tokens per caption, EOS included (CLIP: 77)
-    # Share of training images shown with their caption's count clause alone, another count as its
-    # hard negative (CountViews); 0 trains on the captions as they are.
-    count_views: float = 0.0
     stage: StageConfig
 
 
@@ -131,9 +128,9 @@ def zoo_tokenizer(data_dir: Path, vocab_size: int, out_dir: Path) -> tuple[Token
     return tokenizer, tokenizer_file, group_captions(captions)
 
 
-def zoo_count_views(data_dir: Path, probability: float) -> CountViews | None:
-    """The CountViews of a dual encoder's zoo recipe (None when its probability is 0)."""
-    return CountViews.for_shapesworld(probability, load_meta(data_dir)) if probability > 0 else None
+def zoo_counts(data_dir: Path, objectives: Mapping[str, float]) -> CountPhrases | None:
+    """What the count objective reads the captions with, when a stage trains it."""
+    return CountPhrases.for_shapesworld(load_meta(data_dir)) if COUNT_OBJECTIVE in objectives else None
 
 
 def with_tokenizer(text: CLIPTextConfig, tokenizer: Tokenizer) -> CLIPTextConfig:
@@ -272,7 +269,7 @@ def run(ctx: ZooContext, preset: CLIPPreset | None = None) -> ZooResult:
     model = DualEncoder(preset.model.model_copy(update={"text": with_tokenizer(preset.model.text, tokenizer)}))
     images = image_cache(preset.model.vision)
     task = ContrastiveTask(pairs, tokenizer, images, preset.max_text_length, preset.stage.objectives,
-                           count_views=zoo_count_views(ctx.data_dir, preset.count_views))
+                           counts=zoo_counts(ctx.data_dir, preset.stage.objectives))
     meta = {"preset": preset.name, "image_size": [preset.model.vision.image_size] * 2}
     stage = train_stage(model, preset.stage, task, ctx, tokenizer_file, meta)
     return dual_encoder_result(model, tokenizer, task, ctx, images, [stage], notes={

@@ -48,7 +48,7 @@ from tessera.presets.clip import (
     image_cache,
     train_stage,
     with_tokenizer,
-    zoo_count_views,
+    zoo_counts,
     zoo_tokenizer,
 )
 from tessera.text.clip_text import CLIPTextConfig
@@ -78,9 +78,6 @@ class LiTPreset(Config):
     logit_scale_init: float = math.log(10.0)
     tokenizer_vocab_size: int = 1024
     max_text_length: int = 40
-    # Share of training images shown with their caption's count clause alone, another count as its
-    # hard negative (CountViews); 0 trains on the captions as they are.
-    count_views: float = 0.0
     pretrain_stage: StageConfig | None  # None: the image tower comes from elsewhere (imported weights)
     lit_stage: StageConfig
 
@@ -270,7 +267,7 @@ def run(ctx: ZooContext, preset: LiTPreset | None = None) -> ZooResult:
     model = DualEncoder(preset.dual_encoder_config(with_tokenizer(preset.text, tokenizer)))
     lock_image_tower(model, tower)
     task = ContrastiveTask(pairs, tokenizer, images, preset.max_text_length, preset.lit_stage.objectives,
-                           count_views=zoo_count_views(ctx.data_dir, preset.count_views))
+                           counts=zoo_counts(ctx.data_dir, preset.lit_stage.objectives))
     meta = {"preset": preset.name, "image_size": [preset.vision.image_size] * 2}
     lit = train_stage(model, preset.lit_stage, task, ctx, tokenizer_file, meta)
     notes: dict[str, Any] = {

@@ -34,7 +34,7 @@ from tessera.presets.clip import (
     image_cache,
     train_stage,
     with_tokenizer,
-    zoo_count_views,
+    zoo_counts,
     zoo_tokenizer,
 )
 from tessera.train.stage import StageConfig
@@ -48,9 +48,6 @@ class SigLIPPreset(Config):
     model: SigLIPDualEncoderConfig
     tokenizer_vocab_size: int = 1024
     max_text_length: int = 36  # every text is padded to exactly this many tokens (SigLIP: 64)
-    # Share of training images shown with their caption's count clause alone, another count as its
-    # hard negative (CountViews); 0 trains on the captions as they are.
-    count_views: float = 0.0
     stage: StageConfig
 
 
@@ -108,7 +105,7 @@ def run(ctx: ZooContext, preset: SigLIPPreset | None = None) -> ZooResult:
     model = SigLIPDualEncoder(preset.model.model_copy(update={"text": with_tokenizer(preset.model.text, tokenizer)}))
     images = image_cache(preset.model.vision)
     task = ContrastiveTask(pairs, tokenizer, images, preset.max_text_length, preset.stage.objectives,
-                           pad_to_max_length=True, count_views=zoo_count_views(ctx.data_dir, preset.count_views))
+                           pad_to_max_length=True, counts=zoo_counts(ctx.data_dir, preset.stage.objectives))
     meta = {"preset": preset.name, "image_size": [preset.model.vision.image_size] * 2}
     stage = train_stage(model, preset.stage, task, ctx, tokenizer_file, meta)
     return dual_encoder_result(model, tokenizer, task, ctx, images, [stage], notes={

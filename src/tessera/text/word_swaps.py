@@ -7,12 +7,9 @@ Two uses, one implementation:
 - CapFilt's noisy "web" captions (capfilt.corrupt_captions): every colour word, every shape word
   or both swapped.
 
-A third, `CountViews`, rewrites a caption that says how many objects an image holds ("there are 3
-shapes: a red circle, ...") to that clause alone ("there are 3 shapes."), with another count as its
-hard negative: the rest of the caption names every object, so without such views the contrastive
-loss never needs the image tower to count (the dual encoders' zero-shot count stayed at its
-constant baseline), and a count swapped in the FULL caption would contradict its own list, which
-the text tower could spot without the image.
+A third helper, `CountPhrases`, reads the number a caption states ("there are 3 shapes: a red
+circle, ...") and writes that count clause alone ("there are 3 shapes."), for the dual encoders'
+count objective (train.tasks.ContrastiveTask, after CountCLIP).
 
 A `WordSwapper` holds groups of interchangeable words (a group may give plural forms, which are
 swapped for plurals) and colour-shape pairs that a swap must never write (the held-out pairs of
@@ -149,42 +146,37 @@ _COUNT_CLAUSE = re.compile(r"\bthere (?:is|are) (\d+) shapes?\b")
 
 
 @dataclass(frozen=True)
-class CountViews:
-    """With probability `probability`, a caption holding a count clause is shown as that clause
-    alone, with a different count in 1..`max_count` as its hard negative (see the module docstring).
-    Clauses are written by `tessera.data.shapes.count_clause`, as ShapesWorld's captions are."""
+class CountPhrases:
+    """The count clauses of ShapesWorld's captions, as `tessera.data.shapes.count_clause` writes
+    them, for counts 1..`max_count`."""
 
-    probability: float
     max_count: int
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.probability <= 1.0:
-            raise ValueError(f"count-view probability must lie in [0, 1], got {self.probability}")
         if self.max_count < 2:
-            raise ValueError(f"count views need max_count >= 2 (a negative needs another count), got {self.max_count}")
+            raise ValueError(f"counting needs max_count >= 2 (one count is no choice), got {self.max_count}")
 
     @classmethod
-    def for_shapesworld(cls, probability: float, meta: Mapping | None = None) -> CountViews:
+    def for_shapesworld(cls, meta: Mapping | None = None) -> CountPhrases:
         """`meta` (a dataset's meta.json) supplies the largest object count, else the default."""
         from tessera.data.shapes import ShapesConfig
 
         config = (meta or {}).get("config")
-        max_count = config["max_objects"] if isinstance(config, Mapping) else ShapesConfig().max_objects
-        return cls(probability, int(max_count))
+        return cls(int(config["max_objects"]) if isinstance(config, Mapping) else ShapesConfig().max_objects)
 
     def count(self, caption: str) -> int | None:
-        """The count a caption states, or None when it states none (or one beyond max_count)."""
+        """The count a caption states, or None when it states none (or one outside 1..max_count)."""
         match = _COUNT_CLAUSE.search(caption)
         if match is None or not 1 <= int(match.group(1)) <= self.max_count:
             return None
         return int(match.group(1))
 
-    def view(self, count: int) -> str:
+    def phrase(self, count: int) -> str:
+        """The clause alone: "there is 1 shape.", "there are 3 shapes."."""
         from tessera.data.shapes import count_clause
 
         return f"{count_clause(count)}."
 
-    def negative(self, count: int, rng: random.Random) -> str:
-        """The view of a count other than `count`, drawn uniformly."""
-        return self.view(rng.choice([n for n in range(1, self.max_count + 1) if n != count]))
-
+    def phrases(self) -> list[str]:
+        """The phrase of every count 1..max_count, in order (index = count − 1)."""
+        return [self.phrase(n) for n in range(1, self.max_count + 1)]

@@ -29,7 +29,7 @@ from tessera.models.slot_reader import SlotReader
 from tessera.objectives.contrastive import clip_loss, region_phrase_loss, siglip_loss
 from tessera.objectives.lm import next_token_loss
 from tessera.text.tokenizer import Tokenizer
-from tessera.text.word_swaps import CountViews, WordSwapper
+from tessera.text.word_swaps import CountPhrases, WordSwapper
 
 
 def _check_objectives(objectives: dict[str, float], allowed: set[str], task: str) -> None:
@@ -47,7 +47,9 @@ REGION_OBJECTIVES: tuple[str, ...] = ("region", "region_patches", "region_catego
 # The objectives that score each patch a box owns against one label of the box (its category, its
 # place) among the distinct labels of the batch, each label written as a short phrase.
 PATCH_LABEL_OBJECTIVES: tuple[str, ...] = ("region_category", "region_position")
-CONTRASTIVE_OBJECTIVES: tuple[str, ...] = ("itc", "sigmoid", *REGION_OBJECTIVES)
+# Each image among the count phrases "there is 1 shape." … (CountCLIP; ContrastiveTask's docstring).
+COUNT_OBJECTIVE = "count"
+CONTRASTIVE_OBJECTIVES: tuple[str, ...] = ("itc", "sigmoid", *REGION_OBJECTIVES, COUNT_OBJECTIVE)
 
 
 @dataclass
@@ -69,6 +71,11 @@ class ContrastiveBatch:
     region_targets: Tensor | None = None
     # PATCH_LABEL_OBJECTIVES: objective → its distinct label phrases and each box's label.
     patch_labels: dict[str, PatchLabels] = field(default_factory=dict)
+    # The count objective: each image's count − 1 (B,), IGNORE_INDEX where no caption states one,
+    # and the count phrases' ids and mask (C, Lc).
+    count_targets: Tensor | None = None
+    count_ids: Tensor | None = None
+    count_mask: Tensor | None = None
 
 
 @dataclass
@@ -114,8 +121,15 @@ class ContrastiveTask:
     extra image→text negative (NegCLIP; see text/word_swaps.py): on ShapesWorld the in-batch
     negatives differ in their colours almost always, and without such captions the ViT learns
     colour but hardly shape. `grayscale` shows some images without colour (GrayscaleViews).
-    `count_views` shows some images with only their caption's count clause and another count as
-    a hard negative (CountViews: the signal that makes a dual encoder count). {"region": w} beside
+    {"count": w} beside either loss adds the count objective of CountCLIP (Paiss et al. 2023,
+    "Teaching CLIP to Count to Ten"): each image whose captions state a count (`counts` reads
+    them) is classified among the count phrases "there is 1 shape." … "there are 6 shapes." by
+    scaled cosine, cross-entropy, local to each process. CountCLIP contrasts the true caption
+    with one whose number is swapped; ShapesWorld's count captions also list every object, so
+    a swapped number would contradict the list, which the text tower could spot without the
+    image. The phrases alone carry nothing but the count, and all of them are candidates. In the
+    ITC batch the listing already tells images apart, so without this the dual encoders never
+    learn to count (zero-shot count stayed at its constant baseline). {"region": w} beside
     "itc" adds the region-phrase loss over
     `regions` (image file → its objects' boxes and phrases, `read_coco_regions`): object boxes
     pooled from the patch tokens against phrases like "a large red circle.", the local signal
@@ -135,11 +149,11 @@ class ContrastiveTask:
         max_text_length: int, objectives: dict[str, float] | None = None, *,
         distributed: bool = False, pad_to_max_length: bool = False, hard_negatives: WordSwapper | None = None,
         regions: Mapping[Path, Sequence[RegionPhrase]] | None = None, grayscale: GrayscaleViews | None = None,
-        count_views: CountViews | None = None,
+        counts: CountPhrases | None = None,
     ) -> None:
         if objectives is not None:
             _check_objectives(objectives, set(CONTRASTIVE_OBJECTIVES), "ContrastiveTask")
-            main = set(objectives) - set(REGION_OBJECTIVES)
+            main = set(objectives) - set(REGION_OBJECTIVES) - {COUNT_OBJECTIVE}
             if len(main) != 1:
                 raise ValueError(f"ContrastiveTask trains one loss, 'itc' or 'sigmoid' (plus {list(REGION_OBJECTIVES)} "
                                  f"with itc); got {sorted(objectives)}")
@@ -148,12 +162,14 @@ class ContrastiveTask:
                 raise ValueError(f"the region objectives {asked} go with itc, not sigmoid")
             if asked and regions is None:
                 raise ValueError(f"the region objectives {asked} need `regions` (image file → boxes and phrases)")
+            if COUNT_OBJECTIVE in objectives and counts is None:
+                raise ValueError("the count objective needs `counts` (CountPhrases: what a caption's count clause says)")
         uses_regions = objectives is not None and bool(set(objectives) & set(REGION_OBJECTIVES))
         self.regions = regions if uses_regions else None
         self.objectives = objectives
         self.hard_negatives = hard_negatives
         self.grayscale = grayscale
-        self.count_views = count_views
+        self.counts = counts if objectives is not None and COUNT_OBJECTIVE in objectives else None
         self.distributed, self.pad_to_max_length = distributed, pad_to_max_length
         self.pairs, self.tokenizer, self.images = pairs, tokenizer, images
         self.max_text_length = max_text_length
@@ -178,11 +194,11 @@ class ContrastiveTask:
 
     def make_batch(self, indices: list[int]) -> ContrastiveBatch | None:
         pixels, texts, negatives, kept, gray = [], [], [], [], []
+        kept_pairs: list[CaptionPairs] = []
         # One caption per image, drawn from torch's RNG so a resumed run draws the same.
         choices = torch.randint(0, 1 << 30, (len(indices),)).tolist()
         gray_draws = torch.rand(len(indices)).tolist() if self.grayscale is not None else [1.0] * len(indices)
-        count_draws = torch.rand(len(indices)).tolist() if self.count_views is not None else [1.0] * len(indices)
-        for i, choice, draw, count_draw in zip(indices, choices, gray_draws, count_draws, strict=True):
+        for i, choice, draw in zip(indices, choices, gray_draws, strict=True):
             pair = self.pairs[i]
             px = self.images.get(pair.image)
             if px is None:
@@ -194,12 +210,8 @@ class ContrastiveTask:
                 px, text = to_grayscale(px), self.grayscale.words.drop(text, self.grayscale.groups)
             pixels.append(px)
             kept.append(pair.image)
+            kept_pairs.append(pair)
             gray.append(is_gray)
-            count = self.count_views.count(text) if self.count_views is not None else None
-            if self.count_views is not None and count is not None and count_draw < self.count_views.probability:
-                texts.append(self.count_views.view(count))
-                negatives.append(self.count_views.negative(count, random.Random(choice)))
-                continue
             texts.append(text)
             negatives.append(self.hard_negatives.swap(text, random.Random(choice))
                              if self.hard_negatives is not None else None)
@@ -210,7 +222,9 @@ class ContrastiveTask:
         batch = ContrastiveBatch(self.images.normalize(torch.stack(pixels)), ids, mask)
         if self.regions is not None:
             self._add_regions(batch, kept, gray)
-        if not self.uses_negatives:
+        if self.counts is not None:
+            self._add_counts(batch, kept_pairs)
+        if self.hard_negatives is None:
             return batch
         # A swap past the truncation point would leave the positive itself as a "negative".
         swapped = [(row, text) for row, text in zip(rows, negatives, strict=True) if text is not None]
@@ -219,6 +233,12 @@ class ContrastiveTask:
         if negative_rows:
             batch.negative_ids, batch.negative_mask = self.encode_texts(rows=negative_rows)
         return batch
+
+    def _add_counts(self, batch: ContrastiveBatch, pairs: Sequence[CaptionPairs]) -> None:
+        assert self.counts is not None
+        stated = [next((n for n in map(self.counts.count, pair.captions) if n is not None), None) for pair in pairs]
+        batch.count_targets = torch.tensor([IGNORE_INDEX if n is None else n - 1 for n in stated])
+        batch.count_ids, batch.count_mask = self.encode_texts(self.counts.phrases())
 
     def _add_regions(self, batch: ContrastiveBatch, images: Sequence[Path], gray: Sequence[bool]) -> None:
         assert self.regions is not None
@@ -254,16 +274,12 @@ class ContrastiveTask:
             ids, mask = self.encode_texts(kinds)
             batch.patch_labels[objective] = PatchLabels(ids, mask, torch.tensor([kinds.index(k) for k in per_box]))
 
-    @property
-    def uses_negatives(self) -> bool:
-        """Whether batches may carry hard-negative captions (word swaps or count views)."""
-        return self.hard_negatives is not None or self.count_views is not None
-
     def objective(self, model: nn.Module) -> tuple[str, float]:
         """(loss name, weight) this task trains `model` with."""
         if self.objectives is None:
             return ("sigmoid" if isinstance(model, SigLIPDualEncoder) else "itc"), 1.0
-        ((name, weight),) = ((n, w) for n, w in self.objectives.items() if n not in REGION_OBJECTIVES)
+        ((name, weight),) = ((n, w) for n, w in self.objectives.items()
+                             if n not in REGION_OBJECTIVES and n != COUNT_OBJECTIVE)
         return name, weight
 
     def loss(self, model: nn.Module, batch: ContrastiveBatch) -> tuple[Tensor, dict[str, float]]:
@@ -295,7 +311,7 @@ class ContrastiveTask:
         txt = model.encode_text(batch.ids, batch.mask)
         logs = {"logit_scale": float(model.logit_scale.detach().exp())}
         negatives = None
-        if self.uses_negatives:
+        if self.hard_negatives is not None:
             # Every rank encodes (possibly zero) negatives, so the gather in the loss matches.
             negatives = (model.encode_text(batch.negative_ids, batch.negative_mask)
                          if batch.negative_ids is not None else txt[:0])
@@ -311,6 +327,12 @@ class ContrastiveTask:
                              distributed=self.distributed)
         with torch.no_grad():
             logs["i2t_acc"] = float(((img @ txt.t()).argmax(1) == torch.arange(len(img))).float().mean())
+        if batch.count_targets is not None and batch.count_ids is not None:
+            stated = batch.count_targets != IGNORE_INDEX
+            if bool(stated.any()):
+                phrases = model.encode_text(batch.count_ids, batch.count_mask)
+                region_losses[COUNT_OBJECTIVE] = region_phrase_loss(img[stated], phrases, batch.count_targets[stated],
+                                                                    model.logit_scale)
         if not region_losses:
             return weight * loss, logs
         assert self.objectives is not None
