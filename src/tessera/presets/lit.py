@@ -103,8 +103,10 @@ def tiny() -> LiTPreset:
         pretrain_stage=StageConfig(name="pretrain", trainable=["*"], objectives={"attributes": 1.0}, data="objects",
                                    steps=1500, batch_size=128, lr=2e-3, warmup_steps=100, weight_decay=0.05,
                                    log_every=25),
-        lit_stage=StageConfig(name="lit", trainable=TRAINED, objectives={"itc": 1.0}, data="captions", steps=1500,
-                              batch_size=128, lr=2e-3, lr_scale={"logit_scale": 25.0}, warmup_steps=150,
+        # The count objective as in CLIP's and SigLIP's tiny recipes: the locked tower was trained to
+        # count, but ITC alone never teaches the text tower what "3 shapes" means.
+        lit_stage=StageConfig(name="lit", trainable=TRAINED, objectives={"itc": 1.0, "count": 1.0}, data="captions",
+                              steps=1500, batch_size=128, lr=2e-3, lr_scale={"logit_scale": 25.0}, warmup_steps=150,
                               weight_decay=0.1, log_every=25),
     )
 
