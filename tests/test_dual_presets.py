@@ -213,7 +213,7 @@ def test_siglip_initial_scale_and_bias() -> None:
     assert float(model.logit_scale.detach()) == pytest.approx(math.log(10.0))
     assert float(model.logit_bias.detach()) == pytest.approx(-math.log(siglip.tiny().stage.batch_size))
     assert model.cfg.vision.map_head and not model.cfg.text.causal
-    assert siglip.tiny().stage.objectives == {"sigmoid": 1.0}
+    assert siglip.tiny().stage.objectives == {"sigmoid": 1.0, "count": 1.0}
 
 
 def test_paper_dimensions() -> None:
