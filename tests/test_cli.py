@@ -251,9 +251,11 @@ def test_quickstart_rejects_an_unknown_preset(tmp_path: Path) -> None:
 
 def test_train_clip_stage_with_hard_negatives(tmp_path: Path, shapes_dir: Path) -> None:
     result = invoke("train", "--data", shapes_dir, "--out", tmp_path / "run", "--stage", "clip",
-                    "--clip-hard-negatives", "--step-scale", "0.005")
+                    "--clip-hard-negatives", "--clip-count", "0.5", "--step-scale", "0.005")
     assert result.exit_code == 0, result.output
     assert "clip: 3 steps" in result.output
+    state = torch.load(tmp_path / "run" / "clip" / "final" / "trainer_state.pt", weights_only=False)
+    assert state["stage_config"]["objectives"]["count"] == 0.5  # the count objective joined the stage
     assert (tmp_path / "run" / "clip" / "final" / "model.safetensors").is_file()
 
 

@@ -112,6 +112,9 @@ def train(
     clip_grayscale: Annotated[float | None, typer.Option(
         help="clip stage: fraction of images shown in grayscale with colour words dropped from their texts; "
              "default: the preset's")] = None,
+    clip_count: Annotated[float | None, typer.Option(
+        help="clip stage: weight of the count objective (each image against 'there are N shapes.', read from its "
+             "own count caption; CountCLIP); 0 drops it; default: the preset's")] = None,
     vit_patch_embed: Annotated[str | None, typer.Option(
         help="the ViT's patch embedding: conv_stem (the tiny presets') or patch (CLIP's single convolution, "
              "which export-hf needs); default: the preset's")] = None,
@@ -127,6 +130,7 @@ def train(
     """Train the LLaVA pipeline: CLIP-style ViT, LM, then LLaVA stages 1 (align) and 2 (instruct)."""
     from tessera.pipeline import train_llava
     from tessera.presets.llava import get_preset
+    from tessera.train.tasks import COUNT_OBJECTIVE
     from tessera.vision.vit import ViTConfig
 
     stages = stage or None  # None: all stages, less those of imported parts
@@ -141,6 +145,12 @@ def train(
             chosen = chosen.model_copy(update={"clip_hard_negatives": clip_hard_negatives})
         if clip_grayscale is not None:
             chosen = chosen.model_copy(update={"clip_grayscale": clip_grayscale})
+        if clip_count is not None:
+            objectives = {k: v for k, v in chosen.clip_stage.objectives.items() if k != COUNT_OBJECTIVE}
+            if clip_count > 0:
+                objectives[COUNT_OBJECTIVE] = clip_count
+            clip_stage = chosen.clip_stage.model_copy(update={"objectives": objectives})
+            chosen = chosen.model_copy(update={"clip_stage": clip_stage})
         if template is not None:
             chosen = chosen.model_copy(update={"template": template})
         if vit_patch_embed is not None:
