@@ -122,7 +122,7 @@ def siglip_loss(
     sizes, start, world = _global_layout(image_emb.shape[0], image_emb.device, distributed, group)
     all_texts = gather_with_grad(text_emb, group, sizes) if world > 1 else text_emb
     all_texts = _with_hard_negatives(all_texts, hard_negative_texts, world, group)
-    logits = logit_scale.exp() * image_emb @ all_texts.t() + logit_bias  # (n, N)
+    logits = logit_scale.exp() * image_emb @ all_texts.t() + logit_bias  # (n, N [+ M hard negatives])
     local = torch.arange(image_emb.shape[0], device=logits.device)
     signs = torch.full_like(logits, -1.0)
     signs[local, start + local] = 1.0

@@ -129,9 +129,9 @@ class ContrastiveTask:
     a swapped number would contradict the list, which the text tower could spot without the
     image. The phrases alone carry nothing but the count, and all of them are candidates. In the
     ITC batch the listing already tells images apart, so without this the dual encoders never
-    learn to count (zero-shot count stayed at its constant baseline). {"region": w} beside
-    "itc" adds the region-phrase loss over
-    `regions` (image file → its objects' boxes and phrases, `read_coco_regions`): object boxes
+    learn to count (zero-shot count stayed at its constant baseline).
+    {"region": w} beside "itc" adds the region-phrase loss over `regions` (image file → its
+    objects' boxes and phrases, `read_coco_regions`): object boxes
     pooled from the patch tokens against phrases like "a large red circle.", the local signal
     that makes the patch tokens (what LLaVA's connector reads) encode shape. {"region_patches": w}
     scores every patch a box owns against the phrases on its own: pooled boxes leave single
@@ -156,7 +156,7 @@ class ContrastiveTask:
             main = set(objectives) - set(REGION_OBJECTIVES) - {COUNT_OBJECTIVE}
             if len(main) != 1:
                 raise ValueError(f"ContrastiveTask trains one loss, 'itc' or 'sigmoid' (plus {list(REGION_OBJECTIVES)} "
-                                 f"with itc); got {sorted(objectives)}")
+                                 f"with itc, {COUNT_OBJECTIVE!r} with either); got {sorted(objectives)}")
             asked = sorted(set(objectives) & set(REGION_OBJECTIVES))
             if asked and main != {"itc"}:
                 raise ValueError(f"the region objectives {asked} go with itc, not sigmoid")
@@ -286,7 +286,7 @@ class ContrastiveTask:
         if not isinstance(model, DualEncoder | SigLIPDualEncoder):
             raise TypeError(f"ContrastiveTask trains a dual encoder, not a {type(model).__name__}")
         name, weight = self.objective(model)
-        region_losses: dict[str, Tensor] = {}
+        extra_losses: dict[str, Tensor] = {}
         if self.regions is not None and batch.region_boxes is not None:
             if not isinstance(model, DualEncoder):
                 raise TypeError(f"the region objectives need a CLIP-style DualEncoder, not {type(model).__name__}")
@@ -297,14 +297,14 @@ class ContrastiveTask:
             img = enc.images
             phrases = model.encode_text(batch.phrase_ids, batch.phrase_mask)
             if "region" in self.objectives:
-                region_losses["region"] = region_phrase_loss(enc.boxes, phrases, batch.region_targets, model.logit_scale)
+                extra_losses["region"] = region_phrase_loss(enc.boxes, phrases, batch.region_targets, model.logit_scale)
             if enc.patches is not None and enc.patch_box is not None and len(enc.patch_box):
                 if "region_patches" in self.objectives:
-                    region_losses["region_patches"] = region_phrase_loss(
+                    extra_losses["region_patches"] = region_phrase_loss(
                         enc.patches, phrases, batch.region_targets[enc.patch_box], model.logit_scale)
                 for objective, labels in batch.patch_labels.items():
                     kinds = model.encode_text(labels.ids, labels.mask)
-                    region_losses[objective] = region_phrase_loss(
+                    extra_losses[objective] = region_phrase_loss(
                         enc.patches, kinds, labels.targets[enc.patch_box], model.logit_scale)
         else:
             img = model.encode_image(batch.pixels)
@@ -331,14 +331,14 @@ class ContrastiveTask:
             stated = batch.count_targets != IGNORE_INDEX
             if bool(stated.any()):
                 phrases = model.encode_text(batch.count_ids, batch.count_mask)
-                region_losses[COUNT_OBJECTIVE] = region_phrase_loss(img[stated], phrases, batch.count_targets[stated],
+                extra_losses[COUNT_OBJECTIVE] = region_phrase_loss(img[stated], phrases, batch.count_targets[stated],
                                                                     model.logit_scale)
-        if not region_losses:
+        if not extra_losses:
             return weight * loss, logs
         assert self.objectives is not None
         logs[name] = float(loss.detach())
         total = weight * loss
-        for objective, value in region_losses.items():
+        for objective, value in extra_losses.items():
             logs[objective] = float(value.detach())
             total = total + self.objectives[objective] * value
         return total, logs
