@@ -41,17 +41,17 @@ from tessera.presets.base import LVLMPreset, from_llava
 from tessera.presets.llava import LLaVAPreset
 from tessera.text.llama import LlamaDecoder
 from tessera.text.tokenizer import Tokenizer, train_bpe
-from tessera.text.word_swaps import CountPhrases, WordSwapper
+from tessera.text.word_swaps import WordSwapper
 from tessera.train.checkpoint import load_checkpoint
 from tessera.train.stage import StageConfig
 from tessera.train.tasks import (
-    COUNT_OBJECTIVE,
     REGION_OBJECTIVES,
     ContrastiveTask,
     ConversationTask,
     GrayscaleViews,
     LanguageModelTask,
     ReadingTask,
+    count_phrases_for,
 )
 from tessera.train.trainer import StageResult, Trainer, seed_everything
 
@@ -213,8 +213,7 @@ def train_lvlm(
         if set(preset.clip_stage.objectives) & set(REGION_OBJECTIVES):
             regions, region_skips = read_coco_regions(train_paths["objects"], data_dir)
             skips.merge(region_skips)
-        counts = (CountPhrases.for_shapesworld(load_meta(data_dir))
-                  if COUNT_OBJECTIVE in preset.clip_stage.objectives else None)
+        counts = count_phrases_for(data_dir, preset.clip_stage.objectives)
         task = ContrastiveTask(group_captions(captions), tokenizer, clip_images, preset.text_tower.max_position_embeddings,
                                dict(preset.clip_stage.objectives), hard_negatives=swapper, regions=regions,
                                grayscale=grayscale, counts=counts)

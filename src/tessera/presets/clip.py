@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from tessera.config import Config
 from tessera.data.datasets import CaptionPairs, ImageCache, group_captions
 from tessera.data.images import ImageTransform
-from tessera.data.readers import load_meta, read_coco_captions, shapes_split_paths
+from tessera.data.readers import read_coco_captions, shapes_split_paths
 from tessera.data.records import SkipStats
 from tessera.data.shapes_tasks import ZEROSHOT_TASKS, classic_task_paths
 from tessera.data.task_readers import (
@@ -51,9 +51,8 @@ from tessera.models.dual_encoder import DualEncoder, DualEncoderConfig, SigLIPDu
 from tessera.pipeline import scaled
 from tessera.text.clip_text import CLIPTextConfig
 from tessera.text.tokenizer import Tokenizer, train_bpe
-from tessera.text.word_swaps import CountPhrases
 from tessera.train.stage import StageConfig
-from tessera.train.tasks import COUNT_OBJECTIVE, ContrastiveTask
+from tessera.train.tasks import ContrastiveTask, count_phrases_for
 from tessera.train.trainer import StageResult, Trainer, seed_everything
 from tessera.vision.vit import ViTConfig
 from tessera.zoo.core import SPLITS, ZooContext, ZooResult
@@ -129,11 +128,6 @@ def zoo_tokenizer(data_dir: Path, vocab_size: int, out_dir: Path) -> tuple[Token
     tokenizer = train_bpe([c.caption for c in captions], vocab_size=vocab_size)
     tokenizer_file = tokenizer.save(out_dir / TOKENIZER_DIR)
     return tokenizer, tokenizer_file, group_captions(captions)
-
-
-def zoo_counts(data_dir: Path, objectives: Mapping[str, float]) -> CountPhrases | None:
-    """What the count objective reads the captions with, when a stage trains it."""
-    return CountPhrases.for_shapesworld(load_meta(data_dir)) if COUNT_OBJECTIVE in objectives else None
 
 
 def with_tokenizer(text: CLIPTextConfig, tokenizer: Tokenizer) -> CLIPTextConfig:
@@ -272,7 +266,7 @@ def run(ctx: ZooContext, preset: CLIPPreset | None = None) -> ZooResult:
     model = DualEncoder(preset.model.model_copy(update={"text": with_tokenizer(preset.model.text, tokenizer)}))
     images = image_cache(preset.model.vision)
     task = ContrastiveTask(pairs, tokenizer, images, preset.max_text_length, preset.stage.objectives,
-                           counts=zoo_counts(ctx.data_dir, preset.stage.objectives))
+                           counts=count_phrases_for(ctx.data_dir, preset.stage.objectives))
     meta = {"preset": preset.name, "image_size": [preset.model.vision.image_size] * 2}
     stage = train_stage(model, preset.stage, task, ctx, tokenizer_file, meta)
     return dual_encoder_result(model, tokenizer, task, ctx, images, [stage], notes={

@@ -48,13 +48,12 @@ from tessera.presets.clip import (
     image_cache,
     train_stage,
     with_tokenizer,
-    zoo_counts,
     zoo_tokenizer,
 )
 from tessera.text.clip_text import CLIPTextConfig
 from tessera.train.checkpoint import save_checkpoint
 from tessera.train.stage import StageConfig
-from tessera.train.tasks import ContrastiveTask
+from tessera.train.tasks import ContrastiveTask, count_phrases_for
 from tessera.train.trainer import StageResult, Trainer, seed_everything
 from tessera.vision.vit import VisionTransformer, ViTConfig
 from tessera.zoo.core import ZooContext, ZooResult
@@ -269,7 +268,7 @@ def run(ctx: ZooContext, preset: LiTPreset | None = None) -> ZooResult:
     model = DualEncoder(preset.dual_encoder_config(with_tokenizer(preset.text, tokenizer)))
     lock_image_tower(model, tower)
     task = ContrastiveTask(pairs, tokenizer, images, preset.max_text_length, preset.lit_stage.objectives,
-                           counts=zoo_counts(ctx.data_dir, preset.lit_stage.objectives))
+                           counts=count_phrases_for(ctx.data_dir, preset.lit_stage.objectives))
     meta = {"preset": preset.name, "image_size": [preset.vision.image_size] * 2}
     lit = train_stage(model, preset.lit_stage, task, ctx, tokenizer_file, meta)
     notes: dict[str, Any] = {

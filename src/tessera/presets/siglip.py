@@ -34,11 +34,10 @@ from tessera.presets.clip import (
     image_cache,
     train_stage,
     with_tokenizer,
-    zoo_counts,
     zoo_tokenizer,
 )
 from tessera.train.stage import StageConfig
-from tessera.train.tasks import ContrastiveTask
+from tessera.train.tasks import ContrastiveTask, count_phrases_for
 from tessera.train.trainer import seed_everything
 from tessera.zoo.core import ZooContext, ZooResult
 
@@ -108,7 +107,7 @@ def run(ctx: ZooContext, preset: SigLIPPreset | None = None) -> ZooResult:
     model = SigLIPDualEncoder(preset.model.model_copy(update={"text": with_tokenizer(preset.model.text, tokenizer)}))
     images = image_cache(preset.model.vision)
     task = ContrastiveTask(pairs, tokenizer, images, preset.max_text_length, preset.stage.objectives,
-                           pad_to_max_length=True, counts=zoo_counts(ctx.data_dir, preset.stage.objectives))
+                           pad_to_max_length=True, counts=count_phrases_for(ctx.data_dir, preset.stage.objectives))
     meta = {"preset": preset.name, "image_size": [preset.model.vision.image_size] * 2}
     stage = train_stage(model, preset.stage, task, ctx, tokenizer_file, meta)
     return dual_encoder_result(model, tokenizer, task, ctx, images, [stage], notes={

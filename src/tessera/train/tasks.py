@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from tessera.data.collate import Batch, Sample, pack_collate, pad_collate
 from tessera.data.datasets import CaptionPairs, ConversationDataset, ImageCache, text_sample
-from tessera.data.readers import position_phrase, region_phrase
+from tessera.data.readers import load_meta, position_phrase, region_phrase
 from tessera.data.records import RegionPhrase, SkipStats
 from tessera.data.templates import IGNORE_INDEX
 from tessera.models.dual_encoder import DualEncoder, SigLIPDualEncoder
@@ -50,6 +50,12 @@ PATCH_LABEL_OBJECTIVES: tuple[str, ...] = ("region_category", "region_position")
 # Each image among the count phrases "there is 1 shape." … (CountCLIP; ContrastiveTask's docstring).
 COUNT_OBJECTIVE = "count"
 CONTRASTIVE_OBJECTIVES: tuple[str, ...] = ("itc", "sigmoid", *REGION_OBJECTIVES, COUNT_OBJECTIVE)
+
+
+def count_phrases_for(data_dir: str | Path, objectives: Mapping[str, float]) -> CountPhrases | None:
+    """What the count objective reads a ShapesWorld folder's captions with (its meta.json gives the
+    largest count), when `objectives` train it; else None."""
+    return CountPhrases.for_shapesworld(load_meta(data_dir)) if COUNT_OBJECTIVE in objectives else None
 
 
 @dataclass
