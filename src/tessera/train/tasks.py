@@ -199,8 +199,8 @@ class ContrastiveTask:
         return ids, ids != self.tokenizer.pad_id
 
     def make_batch(self, indices: list[int]) -> ContrastiveBatch | None:
-        pixels, texts, negatives, kept, gray = [], [], [], [], []
-        kept_pairs: list[CaptionPairs] = []
+        pixels, texts, negatives, gray = [], [], [], []
+        kept: list[CaptionPairs] = []  # the pairs whose image could be read
         # One caption per image, drawn from torch's RNG so a resumed run draws the same.
         choices = torch.randint(0, 1 << 30, (len(indices),)).tolist()
         gray_draws = torch.rand(len(indices)).tolist() if self.grayscale is not None else [1.0] * len(indices)
@@ -215,8 +215,7 @@ class ContrastiveTask:
                 assert self.grayscale is not None
                 px, text = to_grayscale(px), self.grayscale.words.drop(text, self.grayscale.groups)
             pixels.append(px)
-            kept.append(pair.image)
-            kept_pairs.append(pair)
+            kept.append(pair)
             gray.append(is_gray)
             texts.append(text)
             negatives.append(self.hard_negatives.swap(text, random.Random(choice))
@@ -227,9 +226,9 @@ class ContrastiveTask:
         ids, mask = self.encode_texts(rows=rows)
         batch = ContrastiveBatch(self.images.normalize(torch.stack(pixels)), ids, mask)
         if self.regions is not None:
-            self._add_regions(batch, kept, gray)
+            self._add_regions(batch, [pair.image for pair in kept], gray)
         if self.counts is not None:
-            self._add_counts(batch, kept_pairs)
+            self._add_counts(batch, kept)
         if self.hard_negatives is None:
             return batch
         # A swap past the truncation point would leave the positive itself as a "negative".
