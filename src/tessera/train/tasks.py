@@ -179,6 +179,10 @@ class ContrastiveTask:
         self.distributed, self.pad_to_max_length = distributed, pad_to_max_length
         self.pairs, self.tokenizer, self.images = pairs, tokenizer, images
         self.max_text_length = max_text_length
+        if self.counts is not None:  # fixed per image and for the run: read and tokenised once
+            stated = [next((n for n in map(self.counts.count, p.captions) if n is not None), None) for p in pairs]
+            self._count_targets = [IGNORE_INDEX if n is None else n - 1 for n in stated]
+            self._count_phrases = self.encode_texts(self.counts.phrases())
         self.skips: SkipStats = images.skips
 
     @property
@@ -200,7 +204,7 @@ class ContrastiveTask:
 
     def make_batch(self, indices: list[int]) -> ContrastiveBatch | None:
         pixels, texts, negatives, gray = [], [], [], []
-        kept: list[CaptionPairs] = []  # the pairs whose image could be read
+        kept: list[int] = []  # the pairs whose image could be read
         # One caption per image, drawn from torch's RNG so a resumed run draws the same.
         choices = torch.randint(0, 1 << 30, (len(indices),)).tolist()
         gray_draws = torch.rand(len(indices)).tolist() if self.grayscale is not None else [1.0] * len(indices)
@@ -215,20 +219,21 @@ class ContrastiveTask:
                 assert self.grayscale is not None
                 px, text = to_grayscale(px), self.grayscale.words.drop(text, self.grayscale.groups)
             pixels.append(px)
-            kept.append(pair)
+            kept.append(i)
             gray.append(is_gray)
             texts.append(text)
-            negatives.append(self.hard_negatives.swap(text, random.Random(choice))
-                             if self.hard_negatives is not None else None)
+            if self.hard_negatives is not None:
+                negatives.append(self.hard_negatives.swap(text, random.Random(choice)))
         if len(pixels) < 2:
             return None
         rows = self.token_rows(texts)
         ids, mask = self.encode_texts(rows=rows)
         batch = ContrastiveBatch(self.images.normalize(torch.stack(pixels)), ids, mask)
         if self.regions is not None:
-            self._add_regions(batch, [pair.image for pair in kept], gray)
+            self._add_regions(batch, [self.pairs[i].image for i in kept], gray)
         if self.counts is not None:
-            self._add_counts(batch, kept)
+            batch.count_targets = torch.tensor([self._count_targets[i] for i in kept])
+            batch.count_ids, batch.count_mask = self._count_phrases
         if self.hard_negatives is None:
             return batch
         # A swap past the truncation point would leave the positive itself as a "negative".
@@ -238,12 +243,6 @@ class ContrastiveTask:
         if negative_rows:
             batch.negative_ids, batch.negative_mask = self.encode_texts(rows=negative_rows)
         return batch
-
-    def _add_counts(self, batch: ContrastiveBatch, pairs: Sequence[CaptionPairs]) -> None:
-        assert self.counts is not None
-        stated = [next((n for n in map(self.counts.count, pair.captions) if n is not None), None) for pair in pairs]
-        batch.count_targets = torch.tensor([IGNORE_INDEX if n is None else n - 1 for n in stated])
-        batch.count_ids, batch.count_mask = self.encode_texts(self.counts.phrases())
 
     def _add_regions(self, batch: ContrastiveBatch, images: Sequence[Path], gray: Sequence[bool]) -> None:
         assert self.regions is not None
