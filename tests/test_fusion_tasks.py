@@ -471,7 +471,8 @@ def test_zoo_reasoning_batches_hold_every_sentence_with_both_labels(shapes: Path
     stage = StageConfig(name="finetune_reasoning", trainable=["head"], objectives={"ce": 1.0}, steps=6,
                         batch_size=4, lr=1e-3, max_length=32)
     evaluate_fusion_model(ToyFusion(tokenizer.vocab_size), tokenizer, shapes, tasks=["reasoning"],
-                          stages={"reasoning": stage}, transform=ImageTransform(size=(IMAGE_SIZE, IMAGE_SIZE)))
+                          stages={"reasoning": stage}, transform=ImageTransform(size=(IMAGE_SIZE, IMAGE_SIZE)),
+                          start_from={})
     assert len(seen) == 6 and all(len(rows) == 8 for rows in seen)  # batch_size counts pairs
     for rows in seen:
         for text in {t for t, _ in rows}:
@@ -551,3 +552,50 @@ def test_vqa_and_reasoning_paths_report_metric_and_baseline(shapes: Path, tokeni
         "finetune_vqa": sum(p.numel() for p in FusionClassifier(model, len(vocab)).head.parameters()),
         "finetune_reasoning": sum(p.numel() for p in FusionClassifier(model, 2, 2).head.parameters()),
     }
+
+
+def test_reasoning_starts_from_the_vqa_finetune(shapes: Path, tokenizer: Tokenizer,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """By default (DEFAULT_START_FROM) the reasoning head is fine-tuned on the backbone the VQA
+    fine-tune ended with, not on the pretrained model; start_from={} restores the latter. The
+    caller's model is never changed."""
+    from tessera.eval import fusion_eval
+
+    calls: list[tuple[str, nn.Module, nn.Module]] = []
+    finetune = fusion_eval.finetune_classifier
+
+    def recording(model: nn.Module, task: ClassificationTask, stage: StageConfig, **kw: Any) -> Any:
+        classifier, result = finetune(model, task, stage, **kw)
+        calls.append((stage.name, model, classifier.backbone))
+        return classifier, result
+
+    monkeypatch.setattr(fusion_eval, "finetune_classifier", recording)
+    stages = {task: StageConfig(name=f"finetune_{task}", trainable=["*"], objectives={task: 1.0}, steps=2,
+                                batch_size=4, lr=1e-3, max_length=32) for task in ("vqa", "reasoning")}
+    model = ToyFusion(tokenizer.vocab_size)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    transform = ImageTransform(size=(IMAGE_SIZE, IMAGE_SIZE))
+    ev = evaluate_fusion_model(model, tokenizer, shapes, tasks=["vqa", "reasoning"], stages=stages, transform=transform)
+    (vqa_name, vqa_start, vqa_end), (reasoning_name, reasoning_start, _) = calls
+    assert (vqa_name, reasoning_name) == ("finetune_vqa", "finetune_reasoning")
+    assert vqa_start is model and reasoning_start is vqa_end
+    assert not all(torch.equal(before[k], v) for k, v in vqa_end.state_dict().items())  # the VQA stage trained it
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert ev.notes["reasoning_starts_from"] == "the vqa fine-tune's backbone"
+
+    calls.clear()
+    evaluate_fusion_model(model, tokenizer, shapes, tasks=["vqa", "reasoning"], stages=stages, transform=transform,
+                          start_from={})
+    assert [start for _, start, _ in calls] == [model, model]
+
+
+@pytest.mark.parametrize(("tasks", "start_from", "message"), [
+    (["reasoning"], None, "vqa is not among the tasks"),
+    (["vqa", "reasoning"], {"vqa": "reasoning"}, "reasoning is fine-tuned after vqa"),
+    (["vqa", "reasoning"], {"reasoning": "captioning"}, "both must be fine-tuning tasks"),
+])
+def test_start_from_errors_name_the_problem(shapes: Path, tokenizer: Tokenizer, tasks: list[str],
+                                            start_from: dict[str, str] | None, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        evaluate_fusion_model(ToyFusion(tokenizer.vocab_size), tokenizer, shapes, tasks=tasks, start_from=start_from,
+                              transform=ImageTransform(size=(IMAGE_SIZE, IMAGE_SIZE)))
