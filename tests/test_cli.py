@@ -273,3 +273,48 @@ def test_the_tiny_vit_exports_only_with_clips_patch_embedding(tmp_path: Path, sh
     assert (tmp_path / "hf-patch" / "config.json").is_file()
     bad = invoke("train", "--data", shapes_dir, "--out", tmp_path / "bad", "--vit-patch-embed", "conv")
     assert_fails_with(bad, "patch_embed")
+
+
+# --- eval of a fusion checkpoint ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fusion_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny untrained ViLT checkpoint (tokenizer and pixel statistics included) and a
+    ShapesWorld folder with the classic tasks."""
+    from tessera.models.vilt import ViLT, ViltConfig
+    from tessera.presets.vilt import tokenizer_fields
+    from tessera.train.fusion_tasks import train_fusion_tokenizer
+
+    root = tmp_path_factory.mktemp("cli-fusion")
+    shapes = root / "shapes"
+    assert invoke("data", "shapes", "--out", shapes, "--image-size", "32", *SHAPES_COUNTS).exit_code == 0
+    assert invoke("data", "tasks", "--root", shapes).exit_code == 0
+    tokenizer = train_fusion_tokenizer(shapes, vocab_size=300)
+    torch.manual_seed(0)
+    model = ViLT(ViltConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, image_size=32,
+                            patch_size=16, max_position_embeddings=40, **tokenizer_fields(tokenizer)))
+    meta = {"image_size": [32, 32], "image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25]}
+    return save_checkpoint(root / "vilt", model, meta=meta, tokenizer_file=tokenizer.save(root / "tokenizer")), shapes
+
+
+def test_eval_fine_tunes_a_fusion_checkpoint_and_reasoning_brings_its_vqa_start(
+        fusion_run: tuple[Path, Path], tmp_path: Path) -> None:
+    checkpoint, shapes = fusion_run
+    out = tmp_path / "scores.json"
+    result = invoke("eval", checkpoint, "--data", shapes, "--task", "reasoning", "--finetune-steps", "2",
+                    "--out", out, "--threads", "1")
+    assert result.exit_code == 0, result.output
+    assert "reasoning_accuracy (baseline)" in result.output and "vqa_accuracy (baseline)" in result.output
+    scores = json.loads(out.read_text())
+    assert scores["tasks"] == ["vqa", "reasoning"]
+    assert scores["notes"]["reasoning_starts_from"] == "the vqa fine-tune's backbone"
+    for label in ("in-distribution", "compositional"):
+        assert 0.0 <= scores["metrics"][label]["reasoning_accuracy"] <= 1.0
+        assert scores["baselines"][label]["reasoning_accuracy"] == pytest.approx(0.5)  # each sentence true once, false once
+
+
+def test_eval_names_the_tasks_of_a_fusion_checkpoint(fusion_run: tuple[Path, Path]) -> None:
+    checkpoint, shapes = fusion_run
+    assert_fails_with(invoke("eval", checkpoint, "--data", shapes, "--task", "ocr"),
+                      "vilt checkpoint is a fusion model", "'reasoning'", "'ocr'")

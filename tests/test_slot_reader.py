@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from tessera.models.registry import build_model, kind_of
-from tessera.models.slot_reader import READING_OBJECTIVE, SlotReader, SlotReaderConfig
+from tessera.models.slot_reader import (
+    PRESENCE_OBJECTIVE,
+    READING_OBJECTIVE,
+    SlotReader,
+    SlotReaderConfig,
+)
 from tessera.presets import vary
 from tessera.presets.base import LVLMPreset
 from tessera.train.stage import StageConfig
@@ -104,5 +109,31 @@ def test_bad_configs_name_the_problem() -> None:
         SlotReaderConfig.for_texts(VOCABULARY, [])
     stage = StageConfig(name="read", trainable=["*"], objectives={READING_OBJECTIVE: 1.0, "lm": 1.0}, data="ocr",
                         steps=1, batch_size=1, lr=1e-3)
-    with pytest.raises(ValueError, match="takes no other objective"):
-        LVLMPreset.parse({**vary.tiny_vary_tiny().model_dump(), "stages": [stage.model_dump()]})
+    for objectives in ({READING_OBJECTIVE: 1.0, "lm": 1.0}, {PRESENCE_OBJECTIVE: 1.0}):
+        stage = stage.model_copy(update={"objectives": objectives})
+        with pytest.raises(ValueError, match="optionally with 'char_presence' and no other objective"):
+            LVLMPreset.parse({**vary.tiny_vary_tiny().model_dump(), "stages": [stage.model_dump()]})
+    stage = stage.model_copy(update={"objectives": {READING_OBJECTIVE: 1.0, PRESENCE_OBJECTIVE: 0.5}})
+    LVLMPreset.parse({**vary.tiny_vary_tiny().model_dump(), "stages": [stage.model_dump()]})  # accepted
+
+
+def test_presence_loss_is_the_bce_of_each_characters_best_token() -> None:
+    """PRESENCE_OBJECTIVE: per character, the max over encoder tokens of a linear score, BCE
+    against whether the text holds that character (repeats count once, the end mark never)."""
+    r = reader(presence_head=True)
+    pixels = torch.randn(2, 3, 32, 32)
+    targets = r.targets(["a 12", "cross"])
+    parts = r.losses(pixels, targets)
+    assert set(parts) == {READING_OBJECTIVE, PRESENCE_OBJECTIVE}
+    vision = r.encoder(pixels)
+    tokens = vision.patch_tokens().reshape(2, -1, r.cfg.width)
+    scores = r.presence(tokens).amax(1)
+    present = torch.tensor([[float(c in text) for c in r.cfg.charset] for text in ("a 12", "cross")])
+    assert present[0, r.cfg.charset.index(" ")] == 1.0  # the charset's first character counts too
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(scores, present)
+    torch.testing.assert_close(parts[PRESENCE_OBJECTIVE], expected)
+    torch.testing.assert_close(r.loss(pixels, targets, {READING_OBJECTIVE: 1.0, PRESENCE_OBJECTIVE: 0.5}),
+                               parts[READING_OBJECTIVE] + 0.5 * expected)
+    torch.testing.assert_close(r.loss(pixels, targets), parts[READING_OBJECTIVE])  # default: slots alone
+    with pytest.raises(ValueError, match="presence_head=True"):
+        reader().loss(pixels, targets, {READING_OBJECTIVE: 1.0, PRESENCE_OBJECTIVE: 1.0})

@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from tessera.train.checkpoint import Checkpoint
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Tessera: vision-language models in PyTorch.")
 data_app = typer.Typer(no_args_is_help=True, help="Make datasets.")
@@ -178,12 +181,17 @@ def evaluate(
     limit: Annotated[int | None, typer.Option(help="at most this many questions per split")] = None,
     task: Annotated[str, typer.Option(
         help="vqa, or a reading task: rec_qwen, rec_cogvlm, reg_qwen, reg_cogvlm, grounded_caption_qwen, "
-             "grounded_caption_cogvlm, ocr, chart")] = "vqa",
+             "grounded_caption_cogvlm, ocr, chart; for a fusion checkpoint (ALBEF, BLIP, ViLT, VLMo): "
+             "retrieval, vqa, reasoning, entailment")] = "vqa",
     threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads (default: torch's)")] = None,
+    finetune_steps: Annotated[int | None, typer.Option(
+        min=1, help="fusion checkpoints: fine-tuning steps of each task's head (default: the zoo's)")] = None,
 ) -> None:
     """VQA accuracy (official normalisation) per question type, in-distribution and compositional;
     or, with --task, a reading task's metrics (grounding Acc@IoU≥0.5, OCR character error rate,
-    chart accuracy, ...) beside its trivial baseline."""
+    chart accuracy, ...) beside its trivial baseline. A fusion checkpoint gets the zoo's protocol
+    (eval.fusion_eval): retrieval on the pretrained model; VQA, reasoning and entailment through a
+    head fine-tuned on the train split (reasoning starts from the VQA fine-tune, so it runs both)."""
     if threads is not None:
         import torch
 
@@ -196,6 +204,9 @@ def evaluate(
 
     try:
         ckpt = load_checkpoint(checkpoint)
+        if callable(getattr(ckpt.model, "fused_features", None)):
+            _evaluate_fusion_checkpoint(ckpt, data, task, split or list(SPLIT_LABELS), finetune_steps, out)
+            return
         if not isinstance(ckpt.model, LVLM):
             raise CheckpointError(f"{checkpoint} holds a {ckpt.kind} model; VQA needs an LVLM checkpoint")
         tokenizer = Tokenizer.load(ckpt.tokenizer_path)
@@ -223,6 +234,42 @@ def evaluate(
     if out is not None:
         write_json_atomic(out, {"checkpoint": str(checkpoint), "seconds": seconds,
                                 "vqa": {k: v.to_dict() for k, v in scores.items()}})
+        typer.echo(f"written {out}")
+
+
+def _evaluate_fusion_checkpoint(ckpt: Checkpoint, data: Path, task: str, splits: list[str], finetune_steps: int | None,
+                                out: Path | None) -> None:
+    """`tessera eval` on an ALBEF / BLIP / ViLT / VLMo checkpoint (eval.fusion_eval's protocol)."""
+    from tessera.data.images import transform_from_meta
+    from tessera.eval.fusion_eval import (
+        DEFAULT_START_FROM,
+        TASKS,
+        evaluate_fusion_model,
+        shortened_finetune_stages,
+    )
+    from tessera.eval.report import format_table, write_json_atomic
+    from tessera.pipeline import SPLIT_LABELS
+    from tessera.text.tokenizer import Tokenizer
+    from tessera.train.fusion_tasks import shapes_transform
+
+    if task not in TASKS:
+        raise ValueError(f"a {ckpt.kind} checkpoint is a fusion model; its tasks are {list(TASKS)}, not {task!r}")
+    tasks = [t for t in (DEFAULT_START_FROM.get(task), task) if t]  # reasoning runs the VQA fine-tune it starts from
+    tokenizer = Tokenizer.load(ckpt.tokenizer_path)
+    # the checkpoint's own pixels (the zoo records them); else the dataset's size with CLIP's statistics
+    transform = transform_from_meta(ckpt.meta, 0) if "image_size" in ckpt.meta else shapes_transform(data)
+    labels = {s: SPLIT_LABELS.get(s, s) for s in splits}
+    evaluation = evaluate_fusion_model(
+        ckpt.model, tokenizer, data, tasks, transform=transform, splits=labels,
+        stages=shortened_finetune_stages(finetune_steps) if finetune_steps else None)
+    rows = [{"split": label, **{f"{name} (baseline)": f"{value:.3f} ({evaluation.baselines[label][name]:.3f})"
+                                for name, value in metrics.items()}}
+            for label, metrics in evaluation.metrics.items()]
+    typer.echo(format_table(rows))
+    if out is not None:
+        write_json_atomic(out, {"checkpoint": str(ckpt.path), "tasks": tasks, "metrics": evaluation.metrics,
+                                "baselines": evaluation.baselines, "seconds": evaluation.seconds_by_task,
+                                "notes": evaluation.notes})
         typer.echo(f"written {out}")
 
 

@@ -35,7 +35,12 @@ from tessera.eval.vqa_metrics import VQAScores
 from tessera.imported_parts import import_parts
 from tessera.models.dual_encoder import DualEncoder, DualEncoderConfig
 from tessera.models.lvlm import LVLM, LVLMConfig
-from tessera.models.slot_reader import READING_OBJECTIVE, SlotReader, SlotReaderConfig
+from tessera.models.slot_reader import (
+    PRESENCE_OBJECTIVE,
+    READING_OBJECTIVE,
+    SlotReader,
+    SlotReaderConfig,
+)
 from tessera.nn.lora import apply_lora, lora_config
 from tessera.presets.base import LVLMPreset, from_llava
 from tessera.presets.llava import LLaVAPreset
@@ -254,9 +259,10 @@ def train_lvlm(
         if READING_OBJECTIVE in stage.objectives:
             # The main vision tower alone, trained in place by a reader of the stage's texts.
             pairs = reading_pairs(convs, skips)
-            reader = SlotReader(SlotReaderConfig.for_texts(model.cfg.vision, [text for _, text in pairs]),
+            reader = SlotReader(SlotReaderConfig.for_texts(model.cfg.vision, [text for _, text in pairs],
+                                                           presence_head=PRESENCE_OBJECTIVE in stage.objectives),
                                 encoder=model.vision_tower)
-            run(reader, stage, ReadingTask(pairs, images), out / preset.folder / stage.name)
+            run(reader, stage, ReadingTask(pairs, images, stage.objectives), out / preset.folder / stage.name)
             continue
         if stage.group_by_image:
             convs = group_by_image(convs, seed=seed)

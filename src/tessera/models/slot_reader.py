@@ -15,6 +15,13 @@ Layout of the reader's sequence: [encoder tokens + 2D sin-cos positions ; slot q
 through `num_layers` pre-LN encoder layers (`tessera.nn.transformer.EncoderLayer`, full
 attention), then a linear layer over the slot positions.
 
+Optional presence loss (`presence_head`, the stage objective "char_presence" beside
+"char_slots"): a linear score per encoder token for each character, max over the tokens, binary
+cross-entropy against the set of characters in the text. It gives the encoder a glyph signal from
+the first step without having to find where the k-th character is: the plain slot loss waits on a
+plateau (every slot predicting its character distribution) for a seed-dependent number of steps
+(RESULTS.md, sessions 15 and 17).
+
 Shapes:
     N   images, each (3, H, W), all of one size in a batch
     P   encoder output tokens per image (grid rows·cols; a ViT's class token left out), width E
@@ -24,7 +31,8 @@ Shapes:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +47,8 @@ from tessera.vision.vit import ViTConfig
 from tessera.vision.vitdet import ViTDetConfig
 
 READING_OBJECTIVE = "char_slots"  # a stage objective: train the stage's encoder with a SlotReader
+PRESENCE_OBJECTIVE = "char_presence"  # optional beside it: which characters the image shows, anywhere
+READING_OBJECTIVES = (READING_OBJECTIVE, PRESENCE_OBJECTIVE)
 
 
 class SlotReaderConfig(Config):
@@ -48,6 +58,7 @@ class SlotReaderConfig(Config):
     num_layers: int = 2
     num_heads: int = 4
     mlp_ratio: int = 4
+    presence_head: bool = False  # a per-token character-presence classifier (PRESENCE_OBJECTIVE)
 
     @model_validator(mode="after")
     def _check(self) -> SlotReaderConfig:
@@ -71,7 +82,7 @@ class SlotReaderConfig(Config):
         return len(self.charset)
 
     @classmethod
-    def for_texts(cls, vision: ViTDetConfig | ViTConfig, texts: Sequence[str], **options: int) -> SlotReaderConfig:
+    def for_texts(cls, vision: ViTDetConfig | ViTConfig, texts: Sequence[str], **options: Any) -> SlotReaderConfig:
         """The charset and slot count that cover `texts` (a training set)."""
         if not texts:
             raise ValueError("a slot reader needs at least one training text to take its charset from")
@@ -93,17 +104,26 @@ class SlotReader(nn.Module):
                                     for _ in range(cfg.num_layers))
         self.norm = nn.LayerNorm(e, eps=1e-6)
         self.head = nn.Linear(e, cfg.end_id + 1)
+        self.presence = nn.Linear(e, cfg.end_id) if cfg.presence_head else None
         self._char_ids = {c: i for i, c in enumerate(cfg.charset)}
 
     def forward(self, pixels: Tensor) -> Tensor:
         """(N, 3, H, W) normalised pixels → slot logits (N, K, V)."""
+        tokens, grid = self._encode(pixels)
+        return self._read_slots(tokens, grid)
+
+    def _encode(self, pixels: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """Encoder tokens (N, P, E) and their (rows, cols) grid."""
         vision = self.encoder(pixels)
         if len(set(vision.grids)) != 1:
             raise ValueError(f"a slot reader reads images of one size per batch, got grids {sorted(set(vision.grids))}")
         rows, cols = vision.grids[0]
-        tokens = vision.patch_tokens().reshape(vision.num_images, rows * cols, -1)
-        tokens = tokens + sincos_2d(*grid_positions(rows, cols, max(rows, cols)), tokens.shape[-1]).to(tokens)
-        x = torch.cat([tokens, self.slots.expand(len(tokens), -1, -1).to(tokens.dtype)], dim=1)
+        return vision.patch_tokens().reshape(vision.num_images, rows * cols, -1), (rows, cols)
+
+    def _read_slots(self, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
+        rows, cols = grid
+        x = tokens + sincos_2d(*grid_positions(rows, cols, max(rows, cols)), tokens.shape[-1]).to(tokens)
+        x = torch.cat([x, self.slots.expand(len(x), -1, -1).to(x.dtype)], dim=1)
         for layer in self.layers:
             x = layer(x)
         return self.head(self.norm(x[:, rows * cols :]))
@@ -122,9 +142,22 @@ class SlotReader(nn.Module):
             out[row, : len(text)] = torch.tensor([self._char_ids[c] for c in text], dtype=torch.long)
         return out
 
-    def loss(self, pixels: Tensor, targets: Tensor) -> Tensor:
-        logits = self(pixels)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    def losses(self, pixels: Tensor, targets: Tensor) -> dict[str, Tensor]:
+        """Each objective's loss, by name: the slots' cross-entropy (READING_OBJECTIVE) and, with
+        a presence head, the character-presence BCE (PRESENCE_OBJECTIVE); targets (N, K) as
+        `targets` writes them."""
+        tokens, grid = self._encode(pixels)
+        logits = self._read_slots(tokens, grid)
+        out = {READING_OBJECTIVE: F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())}
+        if self.presence is not None:
+            scores = self.presence(tokens).amax(1).float()  # (N, V-1): best evidence of each character anywhere
+            present = F.one_hot(targets, self.cfg.end_id + 1).amax(1)[:, : self.cfg.end_id].to(scores.dtype)
+            out[PRESENCE_OBJECTIVE] = F.binary_cross_entropy_with_logits(scores, present)
+        return out
+
+    def loss(self, pixels: Tensor, targets: Tensor, weights: Mapping[str, float] | None = None) -> Tensor:
+        """`weighted_total` of `losses` (default weights: the slot loss alone)."""
+        return weighted_total(self.losses(pixels, targets), weights or {READING_OBJECTIVE: 1.0})
 
     @torch.no_grad()
     def read(self, pixels: Tensor) -> list[str]:
@@ -138,3 +171,12 @@ class SlotReader(nn.Module):
             end = row.index(self.cfg.end_id) if self.cfg.end_id in row else len(row)
             texts.append("".join(self.cfg.charset[c] for c in row[:end]))
         return texts
+
+
+def weighted_total(parts: Mapping[str, Tensor], weights: Mapping[str, float]) -> Tensor:
+    """Σ weight · loss over the named objectives; one that `parts` lacks raises, naming it."""
+    missing = sorted(set(weights) - set(parts))
+    if missing:
+        hint = " (build the reader with presence_head=True)" if PRESENCE_OBJECTIVE in missing else ""
+        raise ValueError(f"the SlotReader computes {sorted(parts)}, not {missing}{hint}")
+    return torch.stack([w * parts[name] for name, w in weights.items()]).sum()

@@ -18,7 +18,7 @@ from tessera.connectors.registry import ConnectorConfig
 from tessera.data.templates import get_template
 from tessera.data.tiling import TilingConfig
 from tessera.models.lvlm import VisionBranchConfig
-from tessera.models.slot_reader import READING_OBJECTIVE
+from tessera.models.slot_reader import PRESENCE_OBJECTIVE, READING_OBJECTIVE, READING_OBJECTIVES
 from tessera.presets.llava import LLaVAPreset
 from tessera.text.clip_text import CLIPTextConfig
 from tessera.text.llama import LlamaConfig
@@ -84,9 +84,11 @@ class LVLMPreset(Config):
         if clash:
             raise ValueError(f"stage names must be unique and not {list(PRETRAIN_STAGES)}: {clash}")
         for stage in self.stages:
-            if READING_OBJECTIVE in stage.objectives and set(stage.objectives) != {READING_OBJECTIVE}:
-                raise ValueError(f"stage {stage.name!r}: {READING_OBJECTIVE!r} trains the vision tower alone "
-                                 f"and takes no other objective, got {sorted(stage.objectives)}")
+            reading = set(stage.objectives) & set(READING_OBJECTIVES)
+            if reading and (READING_OBJECTIVE not in reading or set(stage.objectives) - reading):
+                raise ValueError(f"stage {stage.name!r}: {READING_OBJECTIVE!r} trains the vision tower alone, "
+                                 f"optionally with {PRESENCE_OBJECTIVE!r} and no other objective; "
+                                 f"got {sorted(stage.objectives)}")
         template = get_template(self.template)
         for task in [*self.task_by_data.values(), self.vqa_task or ""]:
             if task and task not in template.task_identifiers:

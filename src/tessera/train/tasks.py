@@ -25,7 +25,7 @@ from tessera.data.readers import load_meta, position_phrase, region_phrase
 from tessera.data.records import RegionPhrase, SkipStats
 from tessera.data.templates import IGNORE_INDEX
 from tessera.models.dual_encoder import DualEncoder, SigLIPDualEncoder
-from tessera.models.slot_reader import SlotReader
+from tessera.models.slot_reader import READING_OBJECTIVE, SlotReader, weighted_total
 from tessera.objectives.contrastive import clip_loss, region_phrase_loss, siglip_loss
 from tessera.objectives.lm import next_token_loss
 from tessera.text.tokenizer import Tokenizer
@@ -426,10 +426,13 @@ class ReadingBatch:
 class ReadingTask:
     """(image, text) pairs: each image shows its text; a SlotReader learns to read it."""
 
-    def __init__(self, pairs: Sequence[tuple[Path, str]], images: ImageCache) -> None:
+    def __init__(self, pairs: Sequence[tuple[Path, str]], images: ImageCache,
+                 objectives: Mapping[str, float] | None = None) -> None:
+        """`objectives`: weights of the SlotReader's losses by name (default the slot loss alone)."""
         if not pairs:
             raise ValueError("a reading stage needs at least one (image, text) pair")
         self.pairs, self.images = pairs, images
+        self.objectives = dict(objectives or {READING_OBJECTIVE: 1.0})
         self.skips: SkipStats = images.skips
 
     @property
@@ -451,7 +454,9 @@ class ReadingTask:
     def loss(self, model: nn.Module, batch: ReadingBatch) -> tuple[Tensor, dict[str, float]]:
         if not isinstance(model, SlotReader):
             raise TypeError(f"ReadingTask trains a SlotReader, not a {type(model).__name__}")
-        return model.loss(batch.pixels, model.targets(batch.texts)), {}
+        parts = model.losses(batch.pixels, model.targets(batch.texts))
+        logs = {name: float(v.detach()) for name, v in parts.items()} if len(parts) > 1 else {}
+        return weighted_total(parts, self.objectives), logs
 
     def after_step(self, model: nn.Module) -> None:
         pass
