@@ -304,6 +304,95 @@ def _transform() -> ImageTransform:
     return ImageTransform(size=(32, 32))
 
 
+# --- VQA by the answer decoder -------------------------------------------------------------------------
+
+
+def test_answer_model_copies_the_decoder_and_leaves_the_pretrained_model_alone() -> None:
+    model = BLIP(_config())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    vqa = model.answer_model()
+    # the question encoder and the answer decoder start equal but are separate tensors
+    decoder = dict(vqa.answer_decoder.named_parameters())
+    for name, param in vqa.blip.text_encoder.named_parameters():
+        assert torch.equal(param, decoder[name]) and param.data_ptr() != decoder[name].data_ptr(), name
+    # the answer head's output matrix is the answer decoder's own word embedding
+    assert vqa.answer_head.predictions.decoder.weight is vqa.answer_decoder.embeddings.word_embeddings.weight
+    ids, mask = _texts(2, pad_last=2)
+    answers, answer_mask = _texts(3, length=4)
+    vqa.loss(list(torch.randn(2, 3, 16, 16)), ids, mask, answers, answer_mask, torch.tensor([0, 0, 1]),
+             torch.tensor([1.0, 0.3, 1.0])).backward()
+    torch.optim.SGD(vqa.parameters(), lr=0.1).step()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the pretrained BLIP unchanged
+
+
+def test_answer_loss_is_the_weighted_negative_log_likelihood_that_rank_scores() -> None:
+    torch.manual_seed(0)
+    vqa = BLIP(_config()).answer_model().eval()
+    images = list(torch.randn(2, 3, 16, 16))
+    ids, mask = _texts(2, pad_last=1)
+    candidates, candidate_mask = _texts(3, length=5, pad_last=1)
+    candidate_mask[1, 2:] = False  # a shorter answer: "<s> x </s>" + padding
+    candidates[1, 2], candidates[1, 3:] = EOS, PAD
+    ranked = vqa.rank(images, ids, mask, candidates, candidate_mask)
+    assert ranked.shape == (2, 3) and bool((ranked < 0).all())
+    # question 0 with answers 1 (weight 1) and 2 (weight 0.5); question 1 with answer 0
+    owner, weights = torch.tensor([0, 0, 1]), torch.tensor([1.0, 0.5, 1.0])
+    rows = torch.tensor([1, 2, 0])
+    loss = vqa.loss(images, ids, mask, candidates[rows], candidate_mask[rows], owner, weights)
+    expected = -(ranked[0, 1] + 0.5 * ranked[0, 2] + ranked[1, 0]) / 2
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    # padding after an answer changes nothing
+    wider = torch.cat([candidates, torch.full((3, 2), PAD)], 1), torch.cat([candidate_mask, torch.zeros(3, 2, dtype=torch.bool)], 1)
+    torch.testing.assert_close(vqa.rank(images, ids, mask, *wider), ranked, rtol=1e-5, atol=1e-5)
+
+
+def test_generated_answers_with_and_without_the_cache_agree_on_padded_questions() -> None:
+    from tessera.models.blip import greedy_decode
+
+    torch.manual_seed(0)
+    vqa = BLIP(_config()).answer_model().eval()
+    images = list(torch.randn(3, 3, 16, 16))
+    ids, mask = _texts(3, pad_last=3)
+    mask[0, 2:], ids[0, 2:] = False, PAD  # questions of different lengths
+    generated = vqa.generate(images, ids, mask, max_new_tokens=6)
+    states = vqa.question_states(images, ids, mask)
+    full = greedy_decode(vqa.answer_decoder, vqa.answer_head, states, mask.bool(), vqa.cfg, 6, use_cache=False)
+    assert generated == full and all(len(r) <= 6 for r in generated)
+
+
+def test_blip_answers_shapesworld_questions_after_a_short_fine_tune(tiny_shapes: Path, tokenizer: Tokenizer) -> None:
+    """AnswerGenerationTask trains a BLIPVQA; ranking over the answers and greedy generation then
+    beat the per-question-type prior on the training questions (a learning check, not a test
+    score; 96 questions are memorised by step 250)."""
+    from tessera.data.datasets import ImageCache
+    from tessera.data.readers import read_vqa
+    from tessera.data.records import SkipStats
+    from tessera.data.task_readers import vqa_prior_baseline
+    from tessera.eval.vqa_metrics import score_vqa
+    from tessera.train.downstream import AnswerGenerationTask
+    from tessera.train.trainer import Trainer
+
+    paths = shapes_split_paths(tiny_shapes, "train")
+    items = read_vqa(paths["vqa_questions"], paths["vqa_annotations"], tiny_shapes)[0][:96]
+    torch.manual_seed(0)
+    vqa = BLIP(_tiny_preset().blip_config(tokenizer)).answer_model()
+    task = AnswerGenerationTask(items, tokenizer, ImageCache(_transform(), SkipStats()), max_length=32)
+    batch = task.make_batch([0, 1])
+    assert batch is not None and set(batch.answer_question.tolist()) == {0, 1}  # each question's answer rows
+    assert batch.answer_ids.shape[0] == len(batch.answer_weights) >= 2
+    stage = StageConfig(name="vqa_answer", trainable=["*"], objectives={"lm": 1.0}, steps=250, batch_size=32, lr=3e-3,
+                        warmup_steps=10, max_length=32, log_every=50)
+    result = Trainer(vqa, stage, task, progress=False).fit()
+    assert result.history[-1]["loss"] < 0.5 * result.history[0]["loss"], result.history
+    answers = sorted({a for i in items for a in i.answers})
+    ranked = task.predict(vqa, answers)
+    generated = task.predict(vqa)
+    ranked_acc = score_vqa({i.question_id: a for i, a in zip(items, ranked, strict=True) if a}, items).accuracy
+    generated_acc = score_vqa({i.question_id: a for i, a in zip(items, generated, strict=True) if a}, items).accuracy
+    prior = vqa_prior_baseline(items, items).accuracy
+    assert ranked_acc > prior + 0.2 and generated_acc > prior + 0.2, (ranked_acc, generated_acc, prior)
+
+
 def test_the_tiny_preset_starts_with_an_enc_state_that_reads_image_and_text(tokenizer: Tokenizer) -> None:
     # Issue 3: with BERT's N(0, 0.02) linear weights the [ENC] state ITM reads hardly moved with
     # the image or the caption (relative spread ~0.005, see test_vilt.fused_spread): ITM sat at its
@@ -436,13 +525,17 @@ def test_zoo_runner_smoke(tmp_path: Path) -> None:
 
     data = prepare_zoo_data(tmp_path / "data", ZooDataConfig(shapes=ShapesConfig(
         seed=0, num_train=24, num_val=2, num_test=6, num_test_comp=6)), progress=False)
-    # Test dimensions and no fine-tuned heads (fusion_eval tests those); the recipe itself is tiny().
-    preset = _tiny_preset(steps=200).model_copy(update={"finetune_tasks": (), "caption_max_new_tokens": 8,
+    # Test dimensions and of the fine-tuned tasks only BLIP's own answer decoder (fusion_eval's
+    # tests cover the heads); the recipe itself is tiny().
+    preset = _tiny_preset(steps=200).model_copy(update={"finetune_tasks": ("vqa_answer",), "caption_max_new_tokens": 8,
                                                         "rerank_k": 4})
     result = run(ZooContext(data_dir=data, out_dir=tmp_path / "blip", scale=0.01, progress=False), preset)
     for label in SPLITS.values():
-        assert {"caption_cider", "caption_bleu4", "retrieval_i2t_r1", "retrieval_t2i_r1"} <= set(result.metrics[label])
+        assert {"caption_cider", "caption_bleu4", "retrieval_i2t_r1", "retrieval_t2i_r1", "vqa_rank_accuracy",
+                "vqa_generate_accuracy"} <= set(result.metrics[label])
         assert set(result.metrics[label]) == set(result.baselines[label])
+        assert result.baselines[label]["vqa_rank_accuracy"] == result.baselines[label]["vqa_generate_accuracy"] > 0
+    assert result.trainable_params_by_stage["finetune_vqa_answer"] > result.trainable_params_by_stage["pretrain_capfilt"]
     note = result.notes["capfilt"]
     assert note["noisy_total"] == result.notes["web_captions"]["noisy"] > 0
     assert note["noisy_total"] + note["clean_total"] == note["original_total"]

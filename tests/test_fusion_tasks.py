@@ -590,6 +590,7 @@ def test_reasoning_starts_from_the_vqa_finetune(shapes: Path, tokenizer: Tokeniz
 
 
 @pytest.mark.parametrize(("tasks", "start_from", "message"), [
+    (["vqa_answer"], None, "ToyFusion has none"),
     (["reasoning"], None, "vqa is not among the tasks"),
     (["vqa", "reasoning"], {"vqa": "reasoning"}, "reasoning is fine-tuned after vqa"),
     (["vqa", "reasoning"], {"reasoning": "captioning"}, "both must be fine-tuning tasks"),

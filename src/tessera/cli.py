@@ -182,7 +182,7 @@ def evaluate(
     task: Annotated[str, typer.Option(
         help="vqa, or a reading task: rec_qwen, rec_cogvlm, reg_qwen, reg_cogvlm, grounded_caption_qwen, "
              "grounded_caption_cogvlm, ocr, chart; for a fusion checkpoint (ALBEF, BLIP, ViLT, VLMo): "
-             "retrieval, vqa, reasoning, entailment")] = "vqa",
+             "retrieval, vqa, reasoning, entailment, vqa_answer (BLIP's answer decoder)")] = "vqa",
     threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads (default: torch's)")] = None,
     finetune_steps: Annotated[int | None, typer.Option(
         min=1, help="fusion checkpoints: fine-tuning steps of each task's head (default: the zoo's)")] = None,
@@ -243,7 +243,7 @@ def _evaluate_fusion_checkpoint(ckpt: Checkpoint, data: Path, task: str, splits:
     from tessera.data.images import transform_from_meta
     from tessera.eval.fusion_eval import (
         DEFAULT_START_FROM,
-        TASKS,
+        KNOWN_TASKS,
         evaluate_fusion_model,
         shortened_finetune_stages,
     )
@@ -252,8 +252,8 @@ def _evaluate_fusion_checkpoint(ckpt: Checkpoint, data: Path, task: str, splits:
     from tessera.text.tokenizer import Tokenizer
     from tessera.train.fusion_tasks import shapes_transform
 
-    if task not in TASKS:
-        raise ValueError(f"a {ckpt.kind} checkpoint is a fusion model; its tasks are {list(TASKS)}, not {task!r}")
+    if task not in KNOWN_TASKS:
+        raise ValueError(f"a {ckpt.kind} checkpoint is a fusion model; its tasks are {list(KNOWN_TASKS)}, not {task!r}")
     tasks = [t for t in (DEFAULT_START_FROM.get(task), task) if t]  # reasoning runs the VQA fine-tune it starts from
     tokenizer = Tokenizer.load(ckpt.tokenizer_path)
     # the checkpoint's own pixels (the zoo records them); else the dataset's size with CLIP's statistics

@@ -21,6 +21,12 @@ reasoning   Pairs of images: fused states of (left, sentence) and (right, senten
             (train.downstream.contrast_groups: each batch holds every sentence with both
             labels; the stage's batch_size counts pairs). Baseline: majority label of train.
 entailment  3-way head (entailment / neutral / contradiction). Baseline: majority of train.
+vqa_answer  Models that write answers (BLIP: `answer_model()` → models.blip.BLIPVQA, an answer
+            decoder over the image-grounded question encoder), fine-tuned on the train split's
+            questions and answers (train.downstream.AnswerGenerationTask), scored twice with the
+            official VQA accuracy: vqa_rank_accuracy (the train answer vocabulary ranked by
+            the answer's log-likelihood, BLIP's "rank" inference) and vqa_generate_accuracy
+            (greedy, open-ended). Baseline: the per-question-type prior, as for vqa.
 
 Each fine-tuning task starts from a deep copy of the given model (the caller's model is not
 changed), trains on the train split with the one Trainer (a StageConfig per task; defaults in
@@ -67,6 +73,7 @@ from tessera.eval.vqa_metrics import score_vqa
 from tessera.pipeline import scaled
 from tessera.text.tokenizer import Tokenizer
 from tessera.train.downstream import (
+    AnswerGenerationTask,
     ClassificationExample,
     ClassificationTask,
     FusionClassifier,
@@ -80,7 +87,9 @@ from tessera.train.stage import StageConfig
 from tessera.train.trainer import StageResult, Trainer, seed_everything
 from tessera.zoo.core import ZooResult
 
-TASKS: tuple[str, ...] = ("retrieval", "vqa", "reasoning", "entailment")
+TASKS: tuple[str, ...] = ("retrieval", "vqa", "reasoning", "entailment")  # every fusion model's
+ANSWER_TASK = "vqa_answer"  # only for models with an answer decoder (`answer_model`)
+KNOWN_TASKS: tuple[str, ...] = (*TASKS, ANSWER_TASK)
 FINETUNE_TASKS: tuple[str, ...] = ("vqa", "reasoning", "entailment")
 SPLITS: dict[str, str] = {"test": "in_distribution", "test_comp": "compositional"}
 RECALL_KS: tuple[int, ...] = (1, 5, 10)
@@ -105,6 +114,7 @@ DEFAULT_FINETUNE_STAGES: dict[str, StageConfig] = {
     "vqa": _stage("finetune_vqa", 2000, 32),
     "reasoning": _stage("finetune_reasoning", 1500, 16),  # 16 contrast pairs = 32 examples
     "entailment": _stage("finetune_entailment", 1500, 32),
+    ANSWER_TASK: _stage("finetune_vqa_answer", 2000, 32),
 }
 
 # Fine-tuning tasks that start from the backbone an earlier task's fine-tuning ended with, not
@@ -356,9 +366,12 @@ def evaluate_fusion_model(
     dataset's image size. Fine-tuned classifiers are not saved (FusionClassifier is no
     checkpoint kind); the metrics are the product.
     """
-    unknown = sorted(set(tasks) - set(TASKS))
+    unknown = sorted(set(tasks) - set(KNOWN_TASKS))
     if unknown:
-        raise ValueError(f"unknown fusion tasks {unknown}; known: {list(TASKS)}")
+        raise ValueError(f"unknown fusion tasks {unknown}; known: {list(KNOWN_TASKS)}")
+    if ANSWER_TASK in tasks and not callable(getattr(model, "answer_model", None)):
+        raise ValueError(f"{ANSWER_TASK} needs a model that writes answers (answer_model(), BLIP's answer decoder); "
+                         f"{type(model).__name__} has none")
     data_dir = Path(data_dir)
     transform = transform or shapes_transform(data_dir)
     skips = SkipStats()
@@ -420,6 +433,30 @@ def evaluate_fusion_model(
             record(label, "vqa_accuracy", scores.accuracy, vqa_prior_baseline(train_items, items).accuracy)
             result.notes[f"vqa_accuracy_by_type_{label}"] = scores.accuracy_by_type
         result.seconds_by_task["vqa"] = time.perf_counter() - start
+
+    if ANSWER_TASK in tasks:
+        start = time.perf_counter()
+        vocabulary, vocab_skips = read_answer_vocabulary(classic_task_paths(data_dir, "train")["vqa_answers"])
+        skips.merge(vocab_skips)
+        train_items = _read_vqa_split(data_dir, "train", skips)
+        stage = scaled(chosen[ANSWER_TASK], scale, seed)
+        seed_everything(stage.seed)
+        answerer = model.answer_model()
+        stage_result = Trainer(answerer, stage, AnswerGenerationTask(train_items, tokenizer, images, stage.max_length),
+                               progress=progress).fit()
+        result.finetune_stages.append(stage_result)
+        result.notes[f"{ANSWER_TASK}_final_loss"] = stage_result.final_loss
+        for split, label in splits.items():
+            items = _read_vqa_split(data_dir, split, skips)
+            task = AnswerGenerationTask(items, tokenizer, images, stage.max_length)
+            baseline = vqa_prior_baseline(train_items, items).accuracy
+            for metric, candidates in (("vqa_rank_accuracy", vocabulary.answers), ("vqa_generate_accuracy", None)):
+                answers = task.predict(answerer, candidates, batch_size)
+                scores = score_vqa({i.question_id: a for i, a in zip(items, answers, strict=True) if a is not None},
+                                   items)
+                record(label, metric, scores.accuracy, baseline)
+                result.notes[f"{metric}_by_type_{label}"] = scores.accuracy_by_type
+        result.seconds_by_task[ANSWER_TASK] = time.perf_counter() - start
 
     for name, reader, to_examples, baseline_fn, labels in (
         ("reasoning", read_reasoning, reasoning_examples, reasoning_baseline, REASONING_LABELS),

@@ -40,6 +40,7 @@ Shapes:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -392,32 +393,12 @@ class BLIP(nn.Module):
         without it every step re-runs the decoder over the whole prefix (the reference the
         cache is tested against). Finished rows are padded and no longer change.
         """
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
         tokens, image_mask = self.encode_images(images)
-        steps = min(max_new_tokens, self.cfg.text.max_position_embeddings - 1)
-        b = tokens.shape[0]
-        ids = torch.full((b, 1), self.cfg.dec_id, dtype=torch.long, device=tokens.device)
-        done = torch.zeros(b, dtype=torch.bool, device=tokens.device)
-        # Never emit the control tokens; </s> ends a caption.
-        banned = [self.cfg.pad_id, self.cfg.bos_id, self.cfg.enc_id, self.cfg.dec_id]
-        cache = _DecoderCache(self.text_encoder, tokens, image_mask) if use_cache else None
-        for _ in range(steps):
-            if cache is None:
-                last = self.grounded_decoder(ids, None, tokens, image_mask)[:, -1]
-            else:
-                last = cache.step(ids[:, -1:])[:, 0]
-            logits = self.cls(last).float()
-            logits[:, banned] = float("-inf")
-            nxt = logits.argmax(dim=-1).masked_fill(done, self.cfg.pad_id)
-            ids = torch.cat([ids, nxt[:, None]], dim=1)
-            done |= nxt == self.cfg.eos_id
-            if bool(done.all()):
-                break
-        out: list[list[int]] = []
-        for row in ids[:, 1:].tolist():
-            out.append(row[: row.index(self.cfg.eos_id)] if self.cfg.eos_id in row else row)
-        return out
+        return greedy_decode(self.text_encoder, self.cls, tokens, image_mask, self.cfg, max_new_tokens, use_cache)
+
+    def answer_model(self) -> BLIPVQA:
+        """A BLIPVQA over a copy of this model's weights (this model is not changed)."""
+        return BLIPVQA(copy.deepcopy(self))
 
     def caption(self, images: Sequence[Tensor] | Tensor, max_new_tokens: int = 30,
                 tokenizer: Tokenizer | None = None) -> list[str]:
@@ -426,6 +407,124 @@ class BLIP(nn.Module):
         if tok is None:
             raise ValueError("caption() needs a tokenizer: pass one or attach it as model.tokenizer")
         return [tok.decode(row).strip() for row in self.caption_ids(images, max_new_tokens)]
+
+
+def greedy_decode(
+    bert: BertModel, head: nn.Module, states: Tensor, states_mask: Tensor | None, cfg: BLIPConfig,
+    max_new_tokens: int, use_cache: bool = True,
+) -> list[list[int]]:
+    """Greedy decoding from <dec> by `bert` in decoder mode, cross-attending to `states` (B, N, E_v)
+    (image tokens for captions, question states for BLIPVQA's answers), through the LM `head`:
+    token ids per row, the closing </s> left out.
+
+    With `use_cache` each step feeds only the newest token, reading the earlier tokens' decoder
+    keys / values and the states' cross-attention keys / values from a cache; without it every
+    step re-runs the decoder over the whole prefix (the reference the cache is tested against).
+    Finished rows are padded and no longer change.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
+    steps = min(max_new_tokens, bert.cfg.max_position_embeddings - 1)
+    b = states.shape[0]
+    ids = torch.full((b, 1), cfg.dec_id, dtype=torch.long, device=states.device)
+    done = torch.zeros(b, dtype=torch.bool, device=states.device)
+    # Never emit the control tokens; </s> ends a text.
+    banned = [cfg.pad_id, cfg.bos_id, cfg.enc_id, cfg.dec_id]
+    cache = _DecoderCache(bert, states, states_mask) if use_cache else None
+    for _ in range(steps):
+        if cache is None:
+            last = bert(ids, attention_mask=None, causal=True, encoder_hidden_states=states,
+                        encoder_attention_mask=states_mask)[:, -1]
+        else:
+            last = cache.step(ids[:, -1:])[:, 0]
+        logits = head(last).float()
+        logits[:, banned] = float("-inf")
+        nxt = logits.argmax(dim=-1).masked_fill(done, cfg.pad_id)
+        ids = torch.cat([ids, nxt[:, None]], dim=1)
+        done |= nxt == cfg.eos_id
+        if bool(done.all()):
+            break
+    out: list[list[int]] = []
+    for row in ids[:, 1:].tolist():
+        out.append(row[: row.index(cfg.eos_id)] if cfg.eos_id in row else row)
+    return out
+
+
+class BLIPVQA(nn.Module):
+    """BLIP's VQA model (Li et al. 2022, section 5.3): the image-grounded encoder reads the
+    question with the image ([ENC] first); an answer decoder, a copy of the pretrained
+    image-grounded decoder (its self-attention, cross-attention, feed-forward and LM head, with
+    weights of its own from then on), cross-attends to the question encoder's states, not to the
+    image, and writes "<dec> answer </s>".
+
+    Training: each question's distinct answers, each weighted by its VQA accuracy among the
+    annotators' answers; loss = Σ weight · (summed token cross-entropy of the answer) / questions,
+    as BLIP. Inference: `rank` scores candidate answers (an answer list) by their log-likelihood,
+    `generate` writes one greedily (open-ended).
+
+    Shapes: B questions, Lq question tokens, R answer rows (R ≥ B: a question's answers), La
+    answer tokens, C candidate answers, E text width (= the ViT's width: the decoder's
+    cross-attention reads the question states where it read image tokens).
+    """
+
+    def __init__(self, blip: BLIP) -> None:
+        """`blip` becomes the question encoder (it is trained in place: pass a copy to keep it)."""
+        super().__init__()
+        if blip.cfg.text.hidden_size != blip.cfg.vision.hidden_size:
+            raise ValueError(f"the answer decoder cross-attends to question states of width {blip.cfg.text.hidden_size} "
+                             f"where it read image tokens of width {blip.cfg.vision.hidden_size}: they must be equal")
+        self.blip = blip
+        # One deepcopy call keeps the LM head's output matrix tied to the copied word embeddings.
+        self.answer_decoder, self.answer_head = copy.deepcopy((blip.text_encoder, blip.cls))
+
+    @property
+    def cfg(self) -> BLIPConfig:
+        return self.blip.cfg
+
+    def question_states(self, images: Sequence[Tensor] | Tensor, input_ids: Tensor,
+                        attention_mask: Tensor) -> Tensor:
+        """(B, Lq, E): the image-grounded encoder over "<s> question </s>" (<enc> replaces <s>)."""
+        tokens, mask = self.blip.encode_images(images)
+        return self.blip.grounded_encoder(input_ids, attention_mask, tokens, mask)
+
+    def _answer_log_likelihoods(self, states: Tensor, question_mask: Tensor, answer_ids: Tensor,
+                                answer_mask: Tensor) -> Tensor:
+        """(R,) summed log-probabilities of each answer row's tokens after <dec> (</s> included),
+        row r reading states[r]."""
+        ids = self.blip._with_first_token(answer_ids, self.cfg.dec_id)
+        hidden = self.answer_decoder(ids, attention_mask=answer_mask.bool(), causal=True,
+                                     encoder_hidden_states=states, encoder_attention_mask=question_mask.bool())
+        logp = self.answer_head(hidden[:, :-1]).float().log_softmax(-1)
+        token_logp = logp.gather(-1, ids[:, 1:, None])[..., 0]
+        return (token_logp * answer_mask[:, 1:].to(token_logp.dtype)).sum(1)
+
+    def loss(self, images: Sequence[Tensor] | Tensor, input_ids: Tensor, attention_mask: Tensor,
+             answer_ids: Tensor, answer_mask: Tensor, answer_question: Tensor, answer_weights: Tensor) -> Tensor:
+        """answer_ids / answer_mask (R, La) "<s> answer </s>" rows; answer_question (R,) the
+        question each row answers; answer_weights (R,) its weight."""
+        states = self.question_states(images, input_ids, attention_mask)
+        nll = -self._answer_log_likelihoods(states[answer_question], attention_mask[answer_question],
+                                            answer_ids, answer_mask)
+        return (answer_weights.to(nll.dtype) * nll).sum() / input_ids.shape[0]
+
+    @torch.no_grad()
+    def rank(self, images: Sequence[Tensor] | Tensor, input_ids: Tensor, attention_mask: Tensor,
+             candidate_ids: Tensor, candidate_mask: Tensor) -> Tensor:
+        """(B, C) log-likelihood of every candidate answer (rows "<s> answer </s>") per question."""
+        states = self.question_states(images, input_ids, attention_mask)
+        b, c = states.shape[0], candidate_ids.shape[0]
+        rows = torch.arange(b, device=states.device).repeat_interleave(c)
+        scores = self._answer_log_likelihoods(states[rows], attention_mask[rows], candidate_ids.repeat(b, 1),
+                                              candidate_mask.repeat(b, 1))
+        return scores.view(b, c)
+
+    @torch.no_grad()
+    def generate(self, images: Sequence[Tensor] | Tensor, input_ids: Tensor, attention_mask: Tensor,
+                 max_new_tokens: int = 8) -> list[list[int]]:
+        """Greedy answers as token ids (</s> left out), one list per question."""
+        states = self.question_states(images, input_ids, attention_mask)
+        return greedy_decode(self.answer_decoder, self.answer_head, states, attention_mask.bool(), self.cfg,
+                             max_new_tokens)
 
 
 class _DecoderCache:
@@ -439,6 +538,7 @@ class _DecoderCache:
     """
 
     def __init__(self, bert: BertModel, image_tokens: Tensor, image_mask: Tensor | None) -> None:
+        """`image_tokens` (B, N, E_v): whatever the decoder cross-attends to (image tokens, question states)."""
         if bert.cfg.modality_experts:
             raise ValueError("the decoder cache supports no modality experts")
         self.bert, self.image_mask, self.length = bert, image_mask, 0

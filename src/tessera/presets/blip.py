@@ -37,7 +37,7 @@ from tessera.data.datasets import ImageCache
 from tessera.data.images import ImageTransform
 from tessera.data.readers import load_meta, read_coco_captions, shapes_split_paths
 from tessera.eval.caption_metrics import CaptionScores, score_captions
-from tessera.eval.fusion_eval import FINETUNE_TASKS, evaluate_fusion_model
+from tessera.eval.fusion_eval import ANSWER_TASK, FINETUNE_TASKS, evaluate_fusion_model
 from tessera.models.blip import BLIP, BLIP_VISION, BLIPConfig, MomentumConfig, blip_token_ids
 from tessera.models.blip import OBJECTIVES as BLIP_OBJECTIVES
 from tessera.models.vilt import LinearInit
@@ -78,7 +78,8 @@ class BLIPPreset(Config):
     eval_max_length: int = 40
     rerank_k: int = 16
     finetune_stages: dict[str, StageConfig] = {}  # fusion_eval overrides, by task
-    finetune_tasks: tuple[str, ...] = FINETUNE_TASKS
+    # downstream tasks after retrieval: the fusion heads, and VQA by BLIP's answer decoder
+    finetune_tasks: tuple[str, ...] = (*FINETUNE_TASKS, ANSWER_TASK)
     image_stats: ImageStats = "dataset"  # ShapesWorld pixel normalisation (fusion_tasks.shapes_transform)
 
     @model_validator(mode="after")

@@ -1,5 +1,6 @@
 """Fine-tuning heads on a fusion model's multimodal [CLS] state, and their trainer Task:
-closed-set VQA, NLVR2-style visual reasoning over image pairs, SNLI-VE-style entailment.
+closed-set VQA, NLVR2-style visual reasoning over image pairs, SNLI-VE-style entailment; and
+`AnswerGenerationTask`, VQA by a model that writes its answers (BLIP's answer decoder).
 
 Any model of the fusion-model contract (tessera.train.fusion_tasks) serves as the backbone:
 
@@ -52,6 +53,7 @@ from tessera.data.task_readers import (
     ReasoningItem,
 )
 from tessera.eval.classification import vqa_bce_loss
+from tessera.eval.vqa_metrics import normalize_answer, vqa_accuracy
 from tessera.text.tokenizer import Tokenizer
 from tessera.train.fusion_tasks import caption_token_rows, pad_token_rows
 
@@ -301,3 +303,120 @@ class ClassificationTask:
             for index, cls in zip(batch.examples, self.logits(model, batch).argmax(1).tolist(), strict=True):
                 predictions[index] = cls
         return predictions
+
+
+# --- VQA by answer generation (BLIP) ---------------------------------------------------------------
+
+
+@dataclass
+class AnswerBatch:
+    images: list[Tensor]  # B normalised images
+    input_ids: Tensor  # (B, Lq) "<s> question </s>"
+    attention_mask: Tensor  # (B, Lq)
+    answer_ids: Tensor  # (R, La) "<s> answer </s>" of each question's distinct answers
+    answer_mask: Tensor  # (R, La)
+    answer_question: Tensor  # (R,) the question (batch row) each answer row belongs to
+    answer_weights: Tensor  # (R,) the answer's VQA accuracy among its question's annotators
+    items: list[int]  # the item index of each question row
+
+
+class AnswerGenerationTask:
+    """Trainer Task (and batch maker for prediction) for a model that writes VQA answers
+    (`models.blip.BLIPVQA`): each question with each of its distinct (normalised) answers,
+    weighted by the VQA accuracy that answer scores. Questions with an unreadable image or a
+    question that tokenises to nothing are skipped and counted; answers that tokenise to nothing
+    are dropped, and a question left with none is skipped and counted."""
+
+    def __init__(self, items: Sequence[VQAItem], tokenizer: Tokenizer, images: ImageCache, max_length: int) -> None:
+        if not items:
+            raise ValueError("AnswerGenerationTask got no questions")
+        self.items, self.tokenizer, self.images, self.max_length = list(items), tokenizer, images, max_length
+        self.skips: SkipStats = images.skips
+        self._rows: dict[int, tuple[list[int], list[tuple[list[int], float]]] | None] = {}
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.items)
+
+    def answer_rows(self, answers: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Candidate answers as "<s> answer </s>" rows (C, La) and their mask; an answer that
+        tokenises to nothing raises, naming it."""
+        rows = caption_token_rows(self.tokenizer, answers, self.max_length)
+        empty = [a for a, r in zip(answers, rows, strict=True) if r is None]
+        if empty:
+            raise ValueError(f"candidate answers tokenise to nothing: {empty[:5]}")
+        return pad_token_rows([r for r in rows if r is not None], self.tokenizer.pad_id)
+
+    def _tokens(self, index: int) -> tuple[list[int], list[tuple[list[int], float]]] | None:
+        if index not in self._rows:
+            item = self.items[index]
+            question = caption_token_rows(self.tokenizer, [item.question], self.max_length)[0]
+            distinct = sorted({normalize_answer(a) for a in item.answers})
+            answers = [(row, vqa_accuracy(a, item.answers))
+                        for a, row in zip(distinct, caption_token_rows(self.tokenizer, distinct, self.max_length),
+                                          strict=True) if row is not None]
+            answers = [(row, w) for row, w in answers if w > 0]
+            if question is None or not answers:
+                reason = "question tokenises to nothing" if question is None else "no answer that tokenises"
+                self.skips.skip(reason, f"question_id={item.question_id}")
+                self._rows[index] = None
+            else:
+                self._rows[index] = (question, answers)
+        return self._rows[index]
+
+    def make_batch(self, indices: list[int]) -> AnswerBatch | None:
+        """A batch of the questions at `indices`; None when every one of them was skipped."""
+        images, questions, answers, owner, weights, kept = [], [], [], [], [], []
+        for index in indices:
+            tokens = self._tokens(index)
+            pixels = self.images.get(self.items[index].image)
+            if tokens is None or pixels is None:
+                continue
+            question, answer_rows = tokens
+            for row, weight in answer_rows:
+                answers.append(row)
+                owner.append(len(questions))
+                weights.append(weight)
+            images.append(self.images.normalize(pixels))
+            questions.append(question)
+            kept.append(index)
+        if not kept:
+            return None
+        ids, mask = pad_token_rows(questions, self.tokenizer.pad_id)
+        answer_ids, answer_mask = pad_token_rows(answers, self.tokenizer.pad_id)
+        return AnswerBatch(images, ids, mask, answer_ids, answer_mask, torch.tensor(owner),
+                           torch.tensor(weights), kept)
+
+    def loss(self, model: nn.Module, batch: AnswerBatch) -> tuple[Tensor, dict[str, float]]:
+        device = next(model.parameters()).device
+        loss = model.loss([img.to(device) for img in batch.images], batch.input_ids.to(device),
+                          batch.attention_mask.to(device), batch.answer_ids.to(device),
+                          batch.answer_mask.to(device), batch.answer_question.to(device),
+                          batch.answer_weights.to(device))
+        return loss, {}
+
+    def after_step(self, model: nn.Module) -> None:
+        pass
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, candidates: Sequence[str] | None = None, batch_size: int = 64,
+                max_new_tokens: int = 8) -> list[str | None]:
+        """Every question's answer, in order (None for a skipped question): the best-ranked of
+        `candidates` by the model's log-likelihood, or, without candidates, a greedy answer."""
+        model.eval()
+        device = next(model.parameters()).device
+        cand = None if candidates is None else [t.to(device) for t in self.answer_rows(candidates)]
+        out: list[str | None] = [None] * len(self.items)
+        for start in range(0, len(self.items), batch_size):
+            batch = self.make_batch(list(range(start, min(start + batch_size, len(self.items)))))
+            if batch is None:
+                continue
+            args = ([img.to(device) for img in batch.images], batch.input_ids.to(device), batch.attention_mask.to(device))
+            if cand is None:
+                answers = [self.tokenizer.decode(ids).strip() for ids in model.generate(*args, max_new_tokens)]
+            else:
+                assert candidates is not None
+                answers = [candidates[c] for c in model.rank(*args, *cand).argmax(1).tolist()]
+            for index, answer in zip(batch.items, answers, strict=True):
+                out[index] = answer
+        return out

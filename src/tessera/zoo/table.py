@@ -22,7 +22,8 @@ RESULTS_FILE = "results.json"
 
 # Headline metrics in table order; any other non-detail metric a preset reports follows.
 TABLE_METRICS: tuple[str, ...] = (
-    "retrieval_i2t_r1", "retrieval_t2i_r1", "zeroshot_top1", "vqa_accuracy", "reasoning_accuracy",
+    "retrieval_i2t_r1", "retrieval_t2i_r1", "zeroshot_top1", "vqa_accuracy", "vqa_rank_accuracy",
+    "vqa_generate_accuracy", "reasoning_accuracy",
     "entailment_accuracy", "caption_cider", "caption_bleu4", "grounding_acc50", "ocr_cer",
 )
 LOWER_IS_BETTER: frozenset[str] = frozenset({"ocr_cer"})
