@@ -355,11 +355,12 @@ def evaluate_fusion_model(
 ) -> FusionEvaluation:
     """Evaluate `model` on each named task of the ShapesWorld folder `data_dir` (classic task
     files written), per split label. Metric names: retrieval_{i2t,t2i}_r{1,5,10},
-    vqa_accuracy, reasoning_accuracy, entailment_accuracy; baselines under the same names
-    (chance recall; VQA prior per question type; majority label of train).
+    vqa_accuracy, reasoning_accuracy, entailment_accuracy, vqa_rank_accuracy and
+    vqa_generate_accuracy (task vqa_answer); baselines under the same names (chance recall; VQA
+    prior per question type; majority label of train).
 
     `stages` overrides the fine-tuning StageConfig of a task ("vqa", "reasoning",
-    "entailment"); every stage's steps are multiplied by `scale`. `start_from` maps a task to
+    "entailment", "vqa_answer"); every stage's steps are multiplied by `scale`. `start_from` maps a task to
     the earlier task whose fine-tuned backbone it starts from (default `DEFAULT_START_FROM`;
     `{}`: every task from `model`); that earlier task must be among `tasks`. Retrieval options: see
     `evaluate_retrieval` (ITM re-ranking depth, gallery caps). `transform` defaults to the
