@@ -137,3 +137,31 @@ def test_presence_loss_is_the_bce_of_each_characters_best_token() -> None:
     torch.testing.assert_close(r.loss(pixels, targets), parts[READING_OBJECTIVE])  # default: slots alone
     with pytest.raises(ValueError, match="presence_head=True"):
         reader().loss(pixels, targets, {READING_OBJECTIVE: 1.0, PRESENCE_OBJECTIVE: 1.0})
+
+
+def test_reading_task_weights_the_stage_objectives_and_logs_each(tmp_path) -> None:
+    from PIL import Image
+
+    from tessera.data.datasets import ImageCache
+    from tessera.data.images import ImageTransform
+    from tessera.data.records import SkipStats
+    from tessera.train.tasks import ReadingTask
+
+    pairs = []
+    for i, text in enumerate(["red", "a 12"]):
+        path = tmp_path / f"{i}.png"
+        Image.new("RGB", (32, 32), (40 * i, 90, 200)).save(path)
+        pairs.append((path, text))
+    images = ImageCache(ImageTransform(size=(32, 32)), SkipStats())
+    task = ReadingTask(pairs, images, {READING_OBJECTIVE: 1.0, PRESENCE_OBJECTIVE: 0.5})
+    batch = task.make_batch([0, 1])
+    assert batch is not None
+    r = reader(presence_head=True)
+    loss, logs = task.loss(r, batch)
+    assert set(logs) == {READING_OBJECTIVE, PRESENCE_OBJECTIVE}
+    assert float(loss) == pytest.approx(logs[READING_OBJECTIVE] + 0.5 * logs[PRESENCE_OBJECTIVE], rel=1e-5)
+    plain, plain_logs = ReadingTask(pairs, images).loss(r, batch)  # default: the slot loss alone
+    assert float(plain) == pytest.approx(plain_logs[READING_OBJECTIVE], rel=1e-5)
+    assert ReadingTask(pairs, images).loss(reader(), batch)[1] == {}  # one loss: nothing extra logged
+    with pytest.raises(ValueError, match="presence_head=True"):
+        task.loss(reader(), batch)
