@@ -159,9 +159,9 @@ def test_reading_task_weights_the_stage_objectives_and_logs_each(tmp_path) -> No
     r = reader(presence_head=True)
     loss, logs = task.loss(r, batch)
     assert set(logs) == {READING_OBJECTIVE, PRESENCE_OBJECTIVE}
-    assert float(loss) == pytest.approx(logs[READING_OBJECTIVE] + 0.5 * logs[PRESENCE_OBJECTIVE], rel=1e-5)
+    assert loss.item() == pytest.approx(logs[READING_OBJECTIVE] + 0.5 * logs[PRESENCE_OBJECTIVE], rel=1e-5)
     plain, plain_logs = ReadingTask(pairs, images).loss(r, batch)  # default: the slot loss alone
-    assert float(plain) == pytest.approx(plain_logs[READING_OBJECTIVE], rel=1e-5)
+    assert plain.item() == pytest.approx(plain_logs[READING_OBJECTIVE], rel=1e-5)
     assert ReadingTask(pairs, images).loss(reader(), batch)[1] == {}  # one loss: nothing extra logged
     with pytest.raises(ValueError, match="presence_head=True"):
         task.loss(reader(), batch)
