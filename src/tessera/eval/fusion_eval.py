@@ -57,6 +57,7 @@ from tessera.data.shapes_tasks import classic_task_paths
 from tessera.data.task_readers import (
     ENTAILMENT_LABELS,
     REASONING_LABELS,
+    AnswerVocabulary,
     RetrievalGallery,
     entailment_baseline,
     read_answer_vocabulary,
@@ -390,13 +391,13 @@ def evaluate_fusion_model(
 
     def fit(task_name: str, task: ClassificationTask) -> FusionClassifier:
         stage = scaled(chosen[task_name], scale, seed)
-        start = start_from.get(task_name)
-        classifier, stage_result = finetune_classifier(finetuned[start] if start else model, task, stage,
+        origin = start_from.get(task_name)  # the earlier task whose fine-tuned backbone this one starts from
+        classifier, stage_result = finetune_classifier(finetuned[origin] if origin else model, task, stage,
                                                        progress=progress)
         result.finetune_stages.append(stage_result)
         result.notes[f"{task_name}_final_loss"] = stage_result.final_loss
-        if start:
-            result.notes[f"{task_name}_starts_from"] = f"the {start} fine-tune's backbone"
+        if origin:
+            result.notes[f"{task_name}_starts_from"] = f"the {origin} fine-tune's backbone"
         if task_name in start_from.values():
             finetuned[task_name] = classifier.backbone
         return classifier
@@ -418,11 +419,7 @@ def evaluate_fusion_model(
 
     if "vqa" in tasks:
         start = time.perf_counter()
-        vocabulary, vocab_skips = read_answer_vocabulary(classic_task_paths(data_dir, "train")["vqa_answers"])
-        skips.merge(vocab_skips)
-        if not len(vocabulary):
-            raise ValueError(f"{data_dir}: the VQA answer vocabulary is empty")
-        train_items = _read_vqa_split(data_dir, "train", skips)
+        vocabulary, train_items = _read_vqa_train(data_dir, skips)
         train = ClassificationTask(vqa_examples(train_items, vocabulary, skips), tokenizer, images,
                                    chosen["vqa"].max_length, len(vocabulary), loss="bce")
         classifier = fit("vqa", train)
@@ -437,9 +434,7 @@ def evaluate_fusion_model(
 
     if ANSWER_TASK in tasks:
         start = time.perf_counter()
-        vocabulary, vocab_skips = read_answer_vocabulary(classic_task_paths(data_dir, "train")["vqa_answers"])
-        skips.merge(vocab_skips)
-        train_items = _read_vqa_split(data_dir, "train", skips)
+        vocabulary, train_items = _read_vqa_train(data_dir, skips)
         stage = scaled(chosen[ANSWER_TASK], scale, seed)
         seed_everything(stage.seed)
         answerer = model.answer_model()
@@ -491,6 +486,15 @@ def evaluate_fusion_model(
         result.seconds_by_task[name] = time.perf_counter() - start
     result.notes["skipped"] = skips.summary()
     return result
+
+
+def _read_vqa_train(data_dir: Path, skips: SkipStats) -> tuple[AnswerVocabulary, list[VQAItem]]:
+    """The train split's answer vocabulary (never empty) and questions, for the VQA tasks."""
+    vocabulary, vocab_skips = read_answer_vocabulary(classic_task_paths(data_dir, "train")["vqa_answers"])
+    skips.merge(vocab_skips)
+    if not len(vocabulary):
+        raise ValueError(f"{data_dir}: the VQA answer vocabulary is empty")
+    return vocabulary, _read_vqa_split(data_dir, "train", skips)
 
 
 def _read_vqa_split(data_dir: Path, split: str, skips: SkipStats) -> list[VQAItem]:

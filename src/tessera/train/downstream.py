@@ -352,10 +352,10 @@ class AnswerGenerationTask:
             item = self.items[index]
             question = caption_token_rows(self.tokenizer, [item.question], self.max_length)[0]
             distinct = sorted({normalize_answer(a) for a in item.answers})
+            # each distinct answer is one of the annotators', so its VQA accuracy (the weight) is > 0
             answers = [(row, vqa_accuracy(a, item.answers))
-                        for a, row in zip(distinct, caption_token_rows(self.tokenizer, distinct, self.max_length),
-                                          strict=True) if row is not None]
-            answers = [(row, w) for row, w in answers if w > 0]
+                       for a, row in zip(distinct, caption_token_rows(self.tokenizer, distinct, self.max_length),
+                                         strict=True) if row is not None]
             if question is None or not answers:
                 reason = "question tokenises to nothing" if question is None else "no answer that tokenises"
                 self.skips.skip(reason, f"question_id={item.question_id}")
@@ -365,7 +365,7 @@ class AnswerGenerationTask:
         return self._rows[index]
 
     def make_batch(self, indices: list[int]) -> AnswerBatch | None:
-        """A batch of the questions at `indices`; None when every one of them was skipped."""
+        """A training batch of the questions at `indices`; None when every one of them was skipped."""
         images, questions, answers, owner, weights, kept = [], [], [], [], [], []
         for index in indices:
             tokens = self._tokens(index)
@@ -387,6 +387,22 @@ class AnswerGenerationTask:
         return AnswerBatch(images, ids, mask, answer_ids, answer_mask, torch.tensor(owner),
                            torch.tensor(weights), kept)
 
+    def _question_batch(self, indices: list[int]) -> tuple[list[Tensor], Tensor, Tensor, list[int]] | None:
+        """Images, question ids and mask, and item indices of the questions at `indices` that can
+        be read, for prediction (their annotated answers are not needed)."""
+        images, questions, kept = [], [], []
+        rows = caption_token_rows(self.tokenizer, [self.items[i].question for i in indices], self.max_length)
+        for index, question in zip(indices, rows, strict=True):
+            pixels = self.images.get(self.items[index].image)
+            if question is None or pixels is None:
+                continue
+            images.append(self.images.normalize(pixels))
+            questions.append(question)
+            kept.append(index)
+        if not kept:
+            return None
+        return (images, *pad_token_rows(questions, self.tokenizer.pad_id), kept)
+
     def loss(self, model: nn.Module, batch: AnswerBatch) -> tuple[Tensor, dict[str, float]]:
         device = next(model.parameters()).device
         loss = model.loss([img.to(device) for img in batch.images], batch.input_ids.to(device),
@@ -401,22 +417,24 @@ class AnswerGenerationTask:
     @torch.no_grad()
     def predict(self, model: nn.Module, candidates: Sequence[str] | None = None, batch_size: int = 64,
                 max_new_tokens: int = 8) -> list[str | None]:
-        """Every question's answer, in order (None for a skipped question): the best-ranked of
+        """Every question's answer, in order (None for a question whose image is unreadable or
+        whose text tokenises to nothing; its answers are not read): the best-ranked of
         `candidates` by the model's log-likelihood, or, without candidates, a greedy answer."""
         model.eval()
         device = next(model.parameters()).device
         cand = None if candidates is None else [t.to(device) for t in self.answer_rows(candidates)]
         out: list[str | None] = [None] * len(self.items)
         for start in range(0, len(self.items), batch_size):
-            batch = self.make_batch(list(range(start, min(start + batch_size, len(self.items)))))
+            batch = self._question_batch(list(range(start, min(start + batch_size, len(self.items)))))
             if batch is None:
                 continue
-            args = ([img.to(device) for img in batch.images], batch.input_ids.to(device), batch.attention_mask.to(device))
+            images, ids, mask, kept = batch
+            args = ([img.to(device) for img in images], ids.to(device), mask.to(device))
             if cand is None:
-                answers = [self.tokenizer.decode(ids).strip() for ids in model.generate(*args, max_new_tokens)]
+                answers = [self.tokenizer.decode(row).strip() for row in model.generate(*args, max_new_tokens)]
             else:
                 assert candidates is not None
                 answers = [candidates[c] for c in model.rank(*args, *cand).argmax(1).tolist()]
-            for index, answer in zip(batch.items, answers, strict=True):
+            for index, answer in zip(kept, answers, strict=True):
                 out[index] = answer
         return out
