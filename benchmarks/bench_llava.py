@@ -57,6 +57,12 @@ for comparison with figures quoted that way.
 
 Run: `make bench` (= `.venv/bin/python benchmarks/bench_llava.py --out benchmarks/results.json
 --md BENCHMARKS.md`). Nothing else should use the CPU while it runs.
+
+On a GPU: `--device cuda` (benchmarks/cuda_batch16.md and cuda_batch128.md hold such runs).
+Everything above holds, with these differences: timings synchronise the device before reading the clock; the peak is the
+device's measured matmul rate (fp32 without TF32, and bf16); float32 runs with TF32 off on both
+sides (convolutions included), so the parity check and the fp32 rows compare true float32;
+bf16 rows are CUDA autocast.
 """
 
 from __future__ import annotations
@@ -355,11 +361,19 @@ class CpuMonitor:
 MONITOR = CpuMonitor()
 
 
-def time_interleaved(fns: dict[str, Callable[[], Any]], warmup: int, reps: int) -> dict[str, list[float]]:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work: GPU calls return before their kernels finish."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], warmup: int, reps: int,
+                     device: torch.device) -> dict[str, list[float]]:
     """Seconds per call of each function, alternating them so drifts in machine speed hit both."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
+    synchronize(device)
     times: dict[str, list[float]] = {name: [] for name in fns}
     gc.collect()
     gc.disable()
@@ -369,23 +383,26 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], warmup: int, reps: int) 
                 for name, fn in fns.items():
                     start = time.perf_counter()
                     fn()
+                    synchronize(device)
                     times[name].append(time.perf_counter() - start)
     finally:
         gc.enable()
     return times
 
 
-def matmul_peak(n: int, reps: int, dtype: torch.dtype = torch.float32) -> float:
+def matmul_peak(n: int, reps: int, device: torch.device, dtype: torch.dtype = torch.float32) -> float:
     """Best FLOP/s of an n×n by n×n matmul in `dtype` over `reps` tries."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    out = torch.empty(n, n, dtype=dtype)
+    a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
+    out = torch.empty(n, n, dtype=dtype, device=device)
     for _ in range(2):
         torch.mm(a, b, out=out)
+    synchronize(device)
     best = float("inf")
     with MONITOR:
         for _ in range(reps):
             start = time.perf_counter()
             torch.mm(a, b, out=out)
+            synchronize(device)
             best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
 
@@ -395,7 +412,7 @@ def tessera_step(model: LVLM, opt: torch.optim.Optimizer, batch: Batch, bf16: bo
     """One step as Tessera trains: the loss reads only the supervised positions, so the
     decoder is told (`keep`) and runs its last layer's queries and MLP on those alone."""
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(batch.input_ids.device.type, dtype=torch.bfloat16, enabled=bf16):
             hidden = model(batch.input_ids, batch.images, position_ids=batch.position_ids,
                            cu_seqlens=batch.cu_seqlens, attention_mask=batch.attention_mask,
                            keep=batch.targets != IGNORE_INDEX if keep else None)
@@ -408,7 +425,7 @@ def tessera_step(model: LVLM, opt: torch.optim.Optimizer, batch: Batch, bf16: bo
 
 def hf_step(model: nn.Module, opt: torch.optim.Optimizer, batch: dict[str, Tensor], bf16: bool) -> Callable[[], None]:
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = model(**batch).loss
         loss.backward()
         opt.step()
@@ -461,7 +478,7 @@ def train_step_flops(model: LVLM, samples: Sequence[Sample]) -> dict[str, float]
 # ----------------------------------------------------------------------------- report
 
 
-def machine() -> dict[str, Any]:
+def machine(device: torch.device) -> dict[str, Any]:
     cpu = platform.processor() or "unknown"
     try:
         info: dict[str, str] = {}
@@ -482,6 +499,8 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
         "load_average_at_start": os.getloadavg()[0],
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }
 
 
@@ -536,7 +555,12 @@ def write_markdown(path: Path, results: dict[str, Any]) -> None:
                 f"{row['transformers_ms']:.0f} ms | {row['speedup_without_keep']:.2f}× |"
             )
     bf16_peak = f", bf16 **{results['peak_flops_bf16'] / 1e9:.1f} GFLOP/s**" if results["peak_flops_bf16"] else ""
-    text = f"""# Benchmarks: tiny LLaVA-1.5, Tessera vs transformers
+    command = (f"`make bench` (`{results['command']}`)" if settings.get("device", "cpu") == "cpu"
+               else f"`{results['command']}`")
+    gpu = f" GPU **{m['gpu']}** (the timed device; CPU:" if m.get("gpu") else ""
+    gpu_end = ")" if m.get("gpu") else ""
+    on = f", on {m['gpu']}" if m.get("gpu") else ""
+    text = f"""# Benchmarks: tiny LLaVA-1.5, Tessera vs transformers{on}
 
 Same model dimensions, same weights (copied from transformers' `LlavaForConditionalGeneration`
 into Tessera's `LVLM`), same data, same machine, one run. Medians of {settings['reps']} training and
@@ -544,9 +568,9 @@ into Tessera's `LVLM`), same data, same machine, one run. Medians of {settings['
 transformers time / Tessera time. How each figure is made, and the FLOP formula behind MFU: the
 docstring of `benchmarks/bench_llava.py`.
 
-Command: `make bench` (`{results['command']}`), {results['date']}.
+Command: {command}, {results['date']}.
 
-Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} torch threads, torch {m['torch']}, transformers
+Machine:{gpu} {m['cpu']}, {m['cores']} cores, {m['threads']} torch threads{gpu_end}, torch {m['torch']}, transformers
 {m['transformers']}, Python {m['python']}; other processes used {m['other_processes_cpu_share']:.1%} of the CPU
 while timing ran.
 Matmul peak measured in the run ({settings['peak_matmul_size']}² matmuls, best of {settings['peak_reps']}): fp32
@@ -583,6 +607,13 @@ Parity before timing (float32): max |Δ logits| {p['mixed']['max_abs_logit_diff'
 (Tessera packed vs transformers padded) and {p['dense']['max_abs_logit_diff']:.1e} on the dense one;
 |Δ loss| ≤ {max(p['mixed']['abs_loss_diff'], p['dense']['abs_loss_diff']):.1e}.
 """
+    if m.get("gpu"):
+        text += """
+On the GPU at this model size, a step is bound by the host issuing kernels (hundreds of small
+launches per step), not by the GPU's arithmetic: hence the low MFU, bf16 no faster than float32,
+and no gain from skipping the last layer's rows. Packed rows and selected queries run as ONE
+padded attention call here (the CPU runs one call per sample); see `tessera.nn.attention`.
+"""
     if results.get("notes"):
         text += "\n" + "\n".join(f"- {n}" for n in results["notes"]) + "\n"
     path.write_text(text)
@@ -610,11 +641,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 autocast rows")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--note", action="append", default=[], help="a line added under the report (repeatable)")
     args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        # True float32 on both sides: the parity check and the fp32 rows compare like with like.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    info = machine()
+    info = machine(device)
     print(f"[bench] {info}", flush=True)
     image_tokens = tiny().vision.grid ** 2
 
@@ -623,18 +661,22 @@ def main(argv: Sequence[str] | None = None) -> None:
                               args.gen_batch, image_tokens, args.seed)
     tok = work.tokenizer
     ours, hf = build_models(tok.vocab_size, tok.image_id, image_tokens, args.seed)
+    ours, hf = ours.to(device), hf.to(device)
 
-    mixed_ours = tessera_batch(work.mixed, tok.pad_id, work.images, packed=True)
-    mixed_hf = hf_padded(work.mixed, tok.pad_id, work.images)
-    dense_ours = tessera_batch(work.dense, tok.pad_id, work.images, packed=False)
-    dense_hf = hf_padded(work.dense, tok.pad_id, work.images)
+    def on_device(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {k: v.to(device) for k, v in batch.items()}
+
+    mixed_ours = tessera_batch(work.mixed, tok.pad_id, work.images, packed=True).to(device)
+    mixed_hf = on_device(hf_padded(work.mixed, tok.pad_id, work.images))
+    dense_ours = tessera_batch(work.dense, tok.pad_id, work.images, packed=False).to(device)
+    dense_hf = on_device(hf_padded(work.dense, tok.pad_id, work.images))
     del dense_hf["attention_mask"]  # no padding: transformers' plain causal path
 
     parity = {"mixed": check_parity(ours, hf, mixed_ours, mixed_hf, "mixed lengths"),
               "dense": check_parity(ours, hf, dense_ours, dense_hf, "dense")}
 
     # Generation first, while both models still hold the identical weights.
-    gen_pixels = [work.images.normalize(img) for img in work.prompt_images]
+    gen_pixels = [work.images.normalize(img).to(device) for img in work.prompt_images]
     longest = max(len(p) for p in work.prompts)
     gen_ids = torch.full((len(work.prompts), longest), tok.pad_id, dtype=torch.long)
     gen_mask = torch.zeros_like(gen_ids)
@@ -643,7 +685,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         gen_mask[row, longest - len(p):] = 1
     never = [-1]  # a stop id no token can equal: every row runs the full length
     gen_cfg = GenerationConfig(max_new_tokens=args.new_tokens)
-    hf_kwargs = dict(input_ids=gen_ids, attention_mask=gen_mask, pixel_values=torch.stack(gen_pixels),
+    hf_kwargs = dict(input_ids=gen_ids.to(device), attention_mask=gen_mask.to(device),
+                     pixel_values=torch.stack(gen_pixels),
                      max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
                      pad_token_id=tok.pad_id, eos_token_id=tok.eos_id)
 
@@ -664,7 +707,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if counts != {args.new_tokens}:
         raise SystemExit("the two sides generated different token counts")
     parity["generated_tokens_identical"] = same
-    gen_times = time_interleaved({"tessera": run_ours, "transformers": run_hf}, 2, args.gen_reps)
+    gen_times = time_interleaved({"tessera": run_ours, "transformers": run_hf}, 2, args.gen_reps, device)
     gen_share = MONITOR.last_share
     new_tokens = len(work.prompts) * args.new_tokens
     g_ours, g_ref = statistics.median(gen_times["tessera"]), statistics.median(gen_times["transformers"])
@@ -679,9 +722,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"[generate] tessera {gen['tessera_ms']:.1f} ms, transformers {gen['transformers_ms']:.1f} ms, "
           f"speedup {gen['speedup']:.2f}x", flush=True)
 
-    peak = matmul_peak(args.peak_size, args.peak_reps)
+    peak = matmul_peak(args.peak_size, args.peak_reps, device)
     # Under bf16 autocast the matmuls run in bf16: those rows are measured against its peak.
-    peak_bf16 = None if args.no_bf16 else matmul_peak(args.peak_size, args.peak_reps, torch.bfloat16)
+    peak_bf16 = None if args.no_bf16 else matmul_peak(args.peak_size, args.peak_reps, device, torch.bfloat16)
     print(f"[peak] fp32 matmul {peak / 1e9:.1f} GFLOP/s"
           + (f", bf16 {peak_bf16 / 1e9:.1f} GFLOP/s" if peak_bf16 else ""), flush=True)
 
@@ -710,7 +753,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not bf16:
             # Ablation: Tessera running its last layer on every position, as transformers does.
             fns["tessera_all_positions"] = tessera_step(ours, opt_ours, b_ours, bf16, keep=False)
-        times = time_interleaved(fns, args.warmup, args.reps)
+        times = time_interleaved(fns, args.warmup, args.reps, device)
         row_peak = peak_bf16 if bf16 else peak
         row = train_row(name, times, sum(lengths), flops["total"], row_peak)
         row["other_processes_cpu_share"] = MONITOR.last_share
@@ -753,10 +796,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         },
         "settings": {"warmup": args.warmup, "reps": args.reps, "gen_reps": args.gen_reps,
                      "peak_matmul_size": args.peak_size, "peak_reps": args.peak_reps, "dtype": "float32",
+                     "device": str(device),
                      "transformers_attention": hf.config._attn_implementation},
         "machine": info,
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": " ".join([os.path.relpath(sys.executable), *sys.argv]),
+        "notes": args.note,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

@@ -13,6 +13,13 @@ It is the only place that knows about SDPA and how sequences are laid out:
 `selected_query_attention` is the causal case for queries at only some positions (a
 decoder's last layer, whose output is read at a few positions only).
 
+Packed rows and selected queries are computed two ways. On CPU, one SDPA call per sample
+does exactly the useful work. On a GPU each call is a kernel launch and the CPU-side loop
+waits for the device, so there the samples are laid out as a padded batch for ONE call: the
+padding's wasted arithmetic is far cheaper than S launches (a packed batch of 128 samples
+took 483 ms per training step the per-sample way on an H100, 43 ms padded;
+benchmarks/cuda_batch128.md).
+
 Shape notation: B batch, Hq query heads, Hkv key/value heads (GQA: Hq % Hkv == 0),
 Lq / Lk query / key length, D head dim, T total tokens of a packed row, S samples.
 """
@@ -44,6 +51,7 @@ def attention(
     combined with the others. bias: a float tensor broadcastable to (B, Hq, Lq, Lk) added to
     the scaled logits (SAM's decomposed relative positions); masked keys stay masked.
     """
+    k, v = _shared_heads_for_kernel(q, k, v)
     if cu_seqlens is not None:
         if q.shape[0] != 1 or q.shape[2] != k.shape[2]:
             raise ValueError("packed attention needs B == 1 and Lq == Lk (no KV cache)")
@@ -71,6 +79,16 @@ def attention(
             )
     mask = _combine_masks(q, lq, lk, causal, key_padding_mask, attn_mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=enable_gqa)
+
+
+def _shared_heads_for_kernel(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Grouped key/value heads repeated for each query head where the fused kernel needs it:
+    float32 on CUDA runs the memory-efficient kernel, which takes no grouped heads (SDPA would
+    fall back to its unfused path). Elsewhere SDPA's enable_gqa shares them without copies."""
+    group = q.shape[1] // k.shape[1]
+    if group == 1 or q.device.type != "cuda" or q.dtype != torch.float32:
+        return k, v
+    return k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
 
 
 def _combine_masks(
@@ -102,7 +120,14 @@ def _segment_lengths(cu_seqlens: Tensor, total: int) -> list[int]:
     return [e - s for s, e in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
+def _per_segment(t: Tensor) -> bool:
+    """Whether to call SDPA once per sample (CPU) rather than once over a padded batch (GPU)."""
+    return t.device.type == "cpu"
+
+
 def _packed_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, causal: bool, dropout_p: float) -> Tensor:
+    if not _per_segment(q):
+        return _packed_attention_padded(q, k, v, cu_seqlens, causal, dropout_p)
     # On CPU, one SDPA call per segment does exactly the useful work (no T×T mask). The
     # segments are taken with split, not slicing: the backward of split concatenates the
     # segments' gradients once, where each slice's backward would zero-fill a full-row tensor.
@@ -116,6 +141,46 @@ def _packed_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, causa
         if n
     ]
     return torch.cat(outs, dim=2)
+
+
+def _packed_attention_padded(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, causal: bool,
+                             dropout_p: float) -> Tensor:
+    """The packed row's S samples as a (S, H, Lmax, D) right-padded batch, one SDPA call, and
+    back. Causal: a real query never reaches the padding after its sample, so is_causal alone
+    is exact; bidirectional: a key-padding mask."""
+    total = q.shape[2]
+    lengths = _segment_lengths(cu_seqlens, total)
+    segments, longest = len(lengths), max(lengths)
+    starts = cu_seqlens.to(device=q.device, dtype=torch.long)
+    sample = torch.repeat_interleave(torch.arange(segments, device=q.device), starts.diff(), output_size=total)
+    slot = sample * longest + torch.arange(total, device=q.device) - starts[sample]  # (T,) padded position
+
+    def padded(x: Tensor) -> Tensor:  # (1, H, T, D) → (S, H, Lmax, D)
+        heads, dim = x.shape[1], x.shape[3]
+        rows = x.new_zeros(heads, segments * longest, dim).index_copy(1, slot, x[0])
+        return rows.view(heads, segments, longest, dim).transpose(0, 1)
+
+    mask = None
+    if not causal:
+        sizes = starts.diff()[:, None]
+        # An empty sample's row sees every (zero) key rather than none, which would be NaN.
+        mask = ((torch.arange(longest, device=q.device) < sizes) | (sizes == 0))[:, None, None, :]
+    out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=mask, is_causal=causal,
+                                         dropout_p=dropout_p, enable_gqa=q.shape[1] != k.shape[1])
+    heads, dim = out.shape[1], out.shape[3]
+    return out.transpose(0, 1).reshape(heads, segments * longest, dim).index_select(1, slot)[None]
+
+
+def _selected_query_attention_full(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, cu_seqlens: Tensor | None,
+                                   key_padding_mask: Tensor | None) -> Tensor:
+    """selected_query_attention as one call over every position (the GPU way): the kept
+    queries are put back in place, the others are zeros whose outputs are dropped."""
+    b, length = keep.shape
+    full = q.new_zeros(b, length, q.shape[1], q.shape[2])
+    full[keep] = q
+    out = attention(full.transpose(1, 2), k, v, causal=True, cu_seqlens=cu_seqlens,
+                    key_padding_mask=key_padding_mask)
+    return out.transpose(1, 2)[keep]
 
 
 def selected_query_attention(
@@ -144,6 +209,11 @@ def selected_query_attention(
     if cu_seqlens is not None:
         if b != 1 or lk != length:
             raise ValueError("packed attention needs B == 1 and Lq == Lk (no KV cache)")
+    if not _per_segment(q):
+        if int(keep.sum()) != q.shape[0]:
+            raise ValueError(f"keep marks {int(keep.sum())} positions but q holds {q.shape[0]} queries")
+        return _selected_query_attention_full(q, k, v, keep, cu_seqlens, key_padding_mask)
+    if cu_seqlens is not None:
         # Segments of the packed row; with split (see _packed_attention) rather than slices.
         lengths = _segment_lengths(cu_seqlens, length)
         keeps = keep[0].split(lengths)
