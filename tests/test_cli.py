@@ -245,6 +245,14 @@ def test_train_on_a_missing_data_folder_exits_2(tmp_path: Path) -> None:
     assert_fails_with(result, str(tmp_path / "no-data"))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_train_and_zoo_on_a_missing_gpu_exit_2_naming_the_device(tmp_path: Path, shapes_dir: Path) -> None:
+    result = invoke("train", "--data", shapes_dir, "--out", tmp_path / "run", "--device", "cuda")
+    assert_fails_with(result, "device 'cuda'", "no CUDA GPU")
+    assert_fails_with(invoke("zoo", "--out", tmp_path / "zoo", "--only", "clip", "--device", "cuda:0"), "no CUDA GPU")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "zoo").exists()  # nothing started
+
+
 def test_quickstart_rejects_an_unknown_preset(tmp_path: Path) -> None:
     assert_fails_with(invoke("quickstart", "--out", tmp_path / "qs", "--preset", "llava-huge"), "unknown preset")
 

@@ -202,3 +202,69 @@ def test_a_pipeline_stage_is_seeded_by_the_run_plus_its_own_seed() -> None:
     assert scaled(stage.model_copy(update={"seed": 3}), 1.0, 5).seed == 8  # one stage reseeded alone
     short = scaled(stage, 0.1, 5)
     assert (short.steps, short.warmup_steps) == (10, 1)
+
+
+# ------------------------------------------------------------------------------ device
+
+
+def test_move_to_moves_every_tensor_at_any_depth_and_nothing_else() -> None:
+    """The batch shapes the tasks build: dataclasses holding tensors, lists of images, dicts of
+    nested dataclasses, tuples and named tuples. `meta` stands in for a GPU (no CPU test can
+    allocate on one)."""
+    from collections import namedtuple
+    from dataclasses import dataclass, field
+
+    from tessera.train.trainer import move_to
+
+    Pair = namedtuple("Pair", "ids mask")
+
+    @dataclass
+    class Labels:
+        ids: torch.Tensor
+        note: str = "kept"
+
+    @dataclass
+    class Nested:
+        images: list[torch.Tensor]
+        labels: dict[str, Labels]
+        pair: Pair
+        extra: tuple[torch.Tensor, int]
+        count: int = 3
+        cached: list[int] = field(default_factory=lambda: [1, 2], init=False)
+
+    batch = Nested(images=[torch.zeros(3, 4, 4), torch.ones(3, 2, 2)], labels={"colour": Labels(torch.arange(4))},
+                   pair=Pair(torch.ones(2), torch.zeros(2, dtype=torch.bool)), extra=(torch.ones(1), 7))
+    moved = move_to(batch, torch.device("meta"))
+    leaves = [*moved.images, moved.labels["colour"].ids, *moved.pair, moved.extra[0]]
+    assert all(t.is_meta for t in leaves)
+    assert not any(t.is_meta for t in [*batch.images, batch.labels["colour"].ids])  # the original is untouched
+    assert isinstance(moved.pair, Pair) and moved.pair.mask.dtype == torch.bool
+    assert (moved.labels["colour"].note, moved.extra[1], moved.count, moved.cached) == ("kept", 7, 3, [1, 2])
+
+
+def test_devices_are_checked_before_any_training() -> None:
+    from tessera.train.trainer import resolve_device, training_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    for bad in ("tpu", "mps", "not a device"):
+        with pytest.raises(ValueError, match="device"):
+            resolve_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            resolve_device("cuda")
+        with pytest.raises(ValueError, match="no CUDA GPU"), training_device("cuda"):
+            pass
+
+
+def test_a_trainer_takes_the_device_of_the_innermost_block(tmp_path: Path) -> None:
+    from tessera.train.trainer import training_device
+
+    model = LlamaDecoder(TINY_LLM)
+    stage = StageConfig(name="lm", trainable=["*"], steps=1, batch_size=2, lr=1e-3)
+    task = LanguageModelTask(["abc", "defg"], CharTokenizer(), max_length=8)
+    assert Trainer(model, stage, task).device == torch.device("cpu")
+    with training_device("cpu") as device:
+        trainer = Trainer(model, stage, task)
+        assert trainer.device == device == torch.device("cpu")
+        trainer.fit()
+    assert next(model.parameters()).device == torch.device("cpu")  # back where it came from

@@ -28,6 +28,9 @@ data_app = typer.Typer(no_args_is_help=True, help="Make datasets.")
 app.add_typer(data_app, name="data")
 
 
+DEVICE_HELP = "where the training steps run: cpu, cuda or cuda:N (data preparation and evaluation stay on the CPU)"
+
+
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
@@ -129,11 +132,13 @@ def train(
              "to use instead of the preset's LM and BPE tokenizer; stage lm is then not run")] = None,
     template: Annotated[str | None, typer.Option(
         help="chat template instead of the preset's (e.g. chatml for an imported Qwen2)")] = None,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "cpu",
 ) -> None:
     """Train the LLaVA pipeline: CLIP-style ViT, LM, then LLaVA stages 1 (align) and 2 (instruct)."""
     from tessera.pipeline import train_llava
     from tessera.presets.llava import get_preset
     from tessera.train.tasks import COUNT_OBJECTIVE
+    from tessera.train.trainer import training_device
     from tessera.vision.vit import ViTConfig
 
     stages = stage or None  # None: all stages, less those of imported parts
@@ -159,8 +164,9 @@ def train(
         if vit_patch_embed is not None:
             vision = ViTConfig.model_validate({**chosen.vision.model_dump(), "patch_embed": vit_patch_embed})
             chosen = chosen.model_copy(update={"vision": vision})
-        result = train_llava(chosen, data, out, stages=stages, step_scale=step_scale, seed=seed, resume=resume_map,
-                             vision_from=vision_from, language_from=language_from)
+        with training_device(device):
+            result = train_llava(chosen, data, out, stages=stages, step_scale=step_scale, seed=seed,
+                                 resume=resume_map, vision_from=vision_from, language_from=language_from)
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
     for note in result.notes:
@@ -186,6 +192,7 @@ def evaluate(
     threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads (default: torch's)")] = None,
     finetune_steps: Annotated[int | None, typer.Option(
         min=1, help="fusion checkpoints: fine-tuning steps of each task's head (default: the zoo's)")] = None,
+    device: Annotated[str, typer.Option(help="fusion checkpoints: " + DEVICE_HELP)] = "cpu",
 ) -> None:
     """VQA accuracy (official normalisation) per question type, in-distribution and compositional;
     or, with --task, a reading task's metrics (grounding Acc@IoU≥0.5, OCR character error rate,
@@ -201,11 +208,13 @@ def evaluate(
     from tessera.pipeline import SPLIT_LABELS, evaluate_shapes_reading, evaluate_shapes_vqa
     from tessera.text.tokenizer import Tokenizer
     from tessera.train.checkpoint import CheckpointError, load_checkpoint
+    from tessera.train.trainer import training_device
 
     try:
         ckpt = load_checkpoint(checkpoint)
         if callable(getattr(ckpt.model, "fused_features", None)):
-            _evaluate_fusion_checkpoint(ckpt, data, task, split or list(SPLIT_LABELS), finetune_steps, out)
+            with training_device(device):
+                _evaluate_fusion_checkpoint(ckpt, data, task, split or list(SPLIT_LABELS), finetune_steps, out)
             return
         if not isinstance(ckpt.model, LVLM):
             raise CheckpointError(f"{checkpoint} holds a {ckpt.kind} model; VQA needs an LVLM checkpoint")
@@ -411,6 +420,7 @@ def zoo_command(
     data: Annotated[Path | None, typer.Option(help="existing ShapesWorld folder with task files (default OUT/data)")] = None,
     list_presets: Annotated[bool, typer.Option("--list", help="list the zoo's presets and exit")] = False,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's)")] = None,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "cpu",
 ) -> None:
     """Train each preset's tiny recipe on ShapesWorld, evaluate every task it supports, write
     OUT/NAME/results.json and the table OUT/ZOO.md."""
@@ -427,7 +437,8 @@ def zoo_command(
         _fail("--out is required (the zoo folder)")
     names = [n.strip() for item in only or [] for n in item.split(",") if n.strip()]
     try:
-        run = run_zoo(names, out, scale=scale, seed=seed, data_dir=data, threads=threads, log=typer.echo)
+        run = run_zoo(names, out, scale=scale, seed=seed, data_dir=data, threads=threads, device=device,
+                      log=typer.echo)
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
     typer.echo(f"table: {run.table}")

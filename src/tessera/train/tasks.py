@@ -330,7 +330,7 @@ class ContrastiveTask:
             loss = clip_loss(img, txt, model.logit_scale, hard_negative_texts=negatives,
                              distributed=self.distributed)
         with torch.no_grad():
-            logs["i2t_acc"] = float(((img @ txt.t()).argmax(1) == torch.arange(len(img))).float().mean())
+            logs["i2t_acc"] = float(((img @ txt.t()).argmax(1) == torch.arange(len(img), device=img.device)).float().mean())
         if batch.count_targets is not None and batch.count_ids is not None:
             stated = batch.count_targets != IGNORE_INDEX
             if bool(stated.any()):
@@ -454,7 +454,7 @@ class ReadingTask:
     def loss(self, model: nn.Module, batch: ReadingBatch) -> tuple[Tensor, dict[str, float]]:
         if not isinstance(model, SlotReader):
             raise TypeError(f"ReadingTask trains a SlotReader, not a {type(model).__name__}")
-        parts = model.losses(batch.pixels, model.targets(batch.texts))
+        parts = model.losses(batch.pixels, model.targets(batch.texts).to(batch.pixels.device))
         logs = {name: float(v.detach()) for name, v in parts.items()} if len(parts) > 1 else {}
         return weighted_total(parts, self.objectives), logs
 

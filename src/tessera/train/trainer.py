@@ -11,6 +11,11 @@ Task, which owns the data and the objectives:
 The trainer owns freezing, AdamW with per-module learning rates, warm-up + cosine
 schedule, gradient accumulation and clipping, bf16 autocast, seeding, checkpoints and an
 exact resume (model, optimizer, schedule, RNG and data position).
+
+Device: a stage trains where `device` says (the Trainer argument, else the innermost
+`training_device(...)` block, else the CPU). The model moves there for the stage, every batch
+follows it (`move_to`), and the model goes back to the device it came on when the stage ends,
+so that data preparation and evaluation, which run on the CPU, never see a GPU tensor.
 """
 
 from __future__ import annotations
@@ -18,7 +23,10 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -56,6 +64,56 @@ class StageResult:
     trainable: TrainableReport
     history: list[dict[str, float]] = field(default_factory=list)
     skips: SkipStats = field(default_factory=SkipStats)
+
+
+_TRAINING_DEVICE: ContextVar[torch.device | None] = ContextVar("training_device", default=None)  # None: the CPU
+
+
+def resolve_device(spec: str | torch.device) -> torch.device:
+    """A torch.device from "cpu", "cuda", "cuda:1", ...; a clear error when it is not there."""
+    try:
+        device = torch.device(spec)
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {spec!r}: {err}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {spec!r}: this PyTorch sees no CUDA GPU (torch {torch.__version__})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA GPU(s) here")
+    elif device.type != "cpu":
+        raise ValueError(f"device {spec!r}: Tessera trains on cpu or cuda")
+    return device
+
+
+@contextmanager
+def training_device(spec: str | torch.device) -> Iterator[torch.device]:
+    """Every Trainer made inside the block trains on this device (the CLI's --device)."""
+    device = resolve_device(spec)
+    token = _TRAINING_DEVICE.set(device)
+    try:
+        yield device
+    finally:
+        _TRAINING_DEVICE.reset(token)
+
+
+def move_to(batch: Any, device: torch.device) -> Any:
+    """The batch with every tensor on `device`: tensors inside dataclasses, lists, tuples and
+    dicts, at any depth; everything else as it is."""
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if is_dataclass(batch) and not isinstance(batch, type):
+        return replace(batch, **{f.name: move_to(getattr(batch, f.name), device) for f in fields(batch) if f.init})
+    if isinstance(batch, dict):
+        return {k: move_to(v, device) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        moved = [move_to(v, device) for v in batch]
+        return type(batch)(moved) if not hasattr(batch, "_fields") else type(batch)(*moved)
+    return batch
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 def seed_everything(seed: int) -> None:
@@ -130,8 +188,10 @@ class Trainer:
         tokenizer_file: str | Path | None = None,
         progress: bool = True,
         stop_after: int | None = None,
+        device: str | torch.device | None = None,
     ) -> None:
         self.model, self.stage, self.task = model, stage, task
+        self.device = resolve_device(device) if device is not None else _TRAINING_DEVICE.get() or torch.device("cpu")
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.checkpoint_meta = checkpoint_meta or {}
         self.tokenizer_file = tokenizer_file
@@ -149,6 +209,7 @@ class Trainer:
                 "torch": torch.get_rng_state(),
                 "python": random.getstate(),
                 "numpy": np.random.get_state(),
+                **({"cuda": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {}),
             },
         }
 
@@ -159,7 +220,14 @@ class Trainer:
         )
 
     def fit(self, resume_from: str | Path | None = None) -> StageResult:
-        stage, model = self.stage, self.model
+        home = _model_device(self.model)
+        try:
+            return self._fit(resume_from)
+        finally:
+            self.model.to(home)
+
+    def _fit(self, resume_from: str | Path | None) -> StageResult:
+        stage, model, device = self.stage, self.model, self.device
         seed_everything(stage.seed)
         trainable = list(stage.trainable)
         if stage.lora is not None:
@@ -167,6 +235,7 @@ class Trainer:
             # these adapters (an earlier stage) keeps them, and a resume loads them below.
             apply_lora(model, stage.lora)
             trainable += lora_trainable_prefixes(model)
+        model.to(device)  # before the optimizer, whose state lives beside the parameters
         report = set_trainable(model, trainable)
         optimizer = build_optimizer(model, stage)
         sampler = EpochSampler(self.task.num_examples, stage.batch_size, stage.seed)
@@ -176,7 +245,7 @@ class Trainer:
         start_at = getattr(self.task, "start_at", None)
         if callable(start_at):
             start_at(step)  # tasks whose objectives follow the step (ALBEF's α ramp) resume in place
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=stage.bf16)
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=stage.bf16)
         history: list[dict[str, float]] = []
         bar = tqdm(total=stage.steps, initial=step, desc=f"train {stage.name}", disable=not self.progress,
                    dynamic_ncols=True, leave=True)
@@ -200,6 +269,8 @@ class Trainer:
                                          f"no usable example; {self.task.skips.summary()}")
                     continue
                 empty_in_a_row = 0
+                if device.type != "cpu":
+                    batch = move_to(batch, device)
                 with autocast:
                     loss, logs = self.task.loss(model, batch)
                 (loss / stage.grad_accum).backward()
@@ -242,11 +313,15 @@ class Trainer:
         if not ckpt.trainer_state_path.is_file():
             raise FileNotFoundError(f"{path}: no trainer_state.pt, cannot resume training from it")
         self.model.load_state_dict(ckpt.model.state_dict())
-        state = torch.load(ckpt.trainer_state_path, weights_only=False)
+        # On the CPU first: a run saved on a GPU resumes anywhere (the optimizer moves its state
+        # to the parameters' device itself).
+        state = torch.load(ckpt.trainer_state_path, weights_only=False, map_location="cpu")
         if state["stage"] != self.stage.name:
             raise ValueError(f"{path} was saved by stage {state['stage']!r}, not {self.stage.name!r}")
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         np.random.set_state(state["rng"]["numpy"])
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         return state["step"], state["batches_seen"]

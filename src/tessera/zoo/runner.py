@@ -40,7 +40,7 @@ from tessera.data.shapes import META_FILE, ShapesConfig, generate_shapes
 from tessera.data.shapes_reading import generate_reading_tasks
 from tessera.data.shapes_tasks import TASKS_META_FILE, ClassicTasksConfig, generate_classic_tasks
 from tessera.eval.report import write_json_atomic
-from tessera.train.trainer import seed_everything
+from tessera.train.trainer import resolve_device, seed_everything, training_device
 from tessera.zoo.core import PresetDiscovery, ZooContext, ZooResult, find_presets
 from tessera.zoo.table import RESULTS_FILE, TABLE_FILE, collect_results, render_zoo_table
 
@@ -130,8 +130,9 @@ def check_zoo_data(root: Path) -> None:
         raise FileNotFoundError(f"{root} has no {TASKS_META_FILE}: add the task files with `tessera data tasks --root {root}`")
 
 
-def machine_info() -> dict[str, Any]:
-    """CPU model, cores, torch version and threads: the table's header states them."""
+def machine_info(device: torch.device | None = None) -> dict[str, Any]:
+    """CPU model, cores, torch version and threads, and the GPU when training ran on one: the
+    table's header states them."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -141,12 +142,15 @@ def machine_info() -> dict[str, Any]:
     except OSError:
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": cpu, "cores": cores, "torch": torch.__version__, "threads": torch.get_num_threads(),
+    info = {"cpu": cpu, "cores": cores, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "python": platform.python_version()}
+    if device is not None and device.type == "cuda":
+        info |= {"device": str(device), "gpu": torch.cuda.get_device_name(device)}
+    return info
 
 
 def zoo_command(names: Sequence[str], out: Path, scale: float, seed: int, data_dir: Path | None,
-                threads: int | None = None) -> str:
+                threads: int | None = None, device: str = "cpu") -> str:
     """The `tessera zoo` command line equivalent to a run_zoo call."""
     parts = ["tessera", "zoo"]
     for name in names:
@@ -160,6 +164,8 @@ def zoo_command(names: Sequence[str], out: Path, scale: float, seed: int, data_d
         parts += ["--data", str(data_dir)]
     if threads is not None:
         parts += ["--threads", str(threads)]
+    if device != "cpu":
+        parts += ["--device", device]
     return shlex.join(parts)
 
 
@@ -184,12 +190,14 @@ def run_zoo(
     progress: bool = True,
     data_config: ZooDataConfig | None = None,
     threads: int | None = None,
+    device: str = "cpu",
     log: Callable[[str], None] | None = print,
 ) -> ZooRun:
     """Train and evaluate each named preset (all when `names` is None or empty) and write
     out/NAME/results.json and out/ZOO.md. `data_dir`: an existing ShapesWorld folder with the
     task files; by default one is prepared in out/data with `data_config`. `threads` sets
-    torch's CPU threads (one is much faster than two on a machine other jobs keep busy)."""
+    torch's CPU threads (one is much faster than two on a machine other jobs keep busy).
+    `device`: where the training stages run (cpu, cuda, cuda:N; the Trainer's device)."""
     found = find_presets()
     runners = found.runners
     names = list(dict.fromkeys(names)) if names else list(runners)
@@ -200,6 +208,7 @@ def run_zoo(
         log(f"zoo: warning: {_broken(found).strip()}")
     if not scale > 0:
         raise ValueError(f"scale must be positive, got {scale}")
+    train_on = resolve_device(device)
     if threads is not None:
         if threads < 1:
             raise ValueError(f"threads must be at least 1, got {threads}")
@@ -211,8 +220,9 @@ def run_zoo(
         check_zoo_data(data)
     else:
         data = prepare_zoo_data(out / DATA_DIR, data_config, progress=progress)
-    machine = machine_info()
-    command = zoo_command(names, out, scale, seed, Path(data_dir) if data_dir is not None else None, threads)
+    machine = machine_info(train_on)
+    command = zoo_command(names, out, scale, seed, Path(data_dir) if data_dir is not None else None, threads,
+                          device)
     results: dict[str, dict[str, Any]] = {}
     for name in names:
         preset_dir = out / name
@@ -222,8 +232,9 @@ def run_zoo(
         seed_everything(seed)
         start, cpu_start = time.perf_counter(), time.process_time()
         try:
-            result = runners[name](ZooContext(data_dir=data, out_dir=preset_dir, seed=seed, scale=scale,
-                                              progress=progress))
+            with training_device(train_on):
+                result = runners[name](ZooContext(data_dir=data, out_dir=preset_dir, seed=seed, scale=scale,
+                                                  progress=progress))
             if not isinstance(result, ZooResult):
                 raise TypeError(f"the runner of {name!r} returned {type(result).__name__}, not a ZooResult")
             payload: dict[str, Any] = {"status": "ok", **result.to_json()}

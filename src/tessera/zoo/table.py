@@ -88,7 +88,8 @@ def _params(row: dict[str, Any]) -> str:
 
 
 def _machine(machine: dict[str, Any]) -> str:
-    return (f"{machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, torch {machine.get('torch', '?')}, "
+    gpu = f"training on {machine['gpu']}, " if machine.get("gpu") else ""
+    return (f"{gpu}{machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, torch {machine.get('torch', '?')}, "
             f"{machine.get('threads', '?')} threads")
 
 
