@@ -268,3 +268,67 @@ def test_a_trainer_takes_the_device_of_the_innermost_block(tmp_path: Path) -> No
         assert trainer.device == device == torch.device("cpu")
         trainer.fit()
     assert next(model.parameters()).device == torch.device("cpu")  # back where it came from
+
+
+# ---------------------------------------------------------------------- data parallel
+
+DP_TEXTS = ["abcdefgh", "bcdefghi", "cdefghij", "defghijk", "efghijkl", "fghijklm", "ghijklmn", "hijklmno"]
+
+
+def _dp_stage(out: bool) -> StageConfig:
+    # Texts of one length: the token-mean loss of the global batch is then the mean of the ranks'.
+    return StageConfig(name="lm", trainable=["*"], steps=3, batch_size=4, grad_accum=2, lr=1e-2, warmup_steps=1,
+                       max_grad_norm=1.0, log_every=1, save_every=2 if out else None)
+
+
+def _dp_train(out_dir: Path | None) -> tuple[dict[str, torch.Tensor], list[dict[str, float]]]:
+    torch.manual_seed(0)
+    model = LlamaDecoder(TINY_LLM)
+    result = Trainer(model, _dp_stage(out_dir is not None), LanguageModelTask(DP_TEXTS, CharTokenizer(), max_length=12),
+                     out_dir=out_dir, progress=False).fit()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, result.history
+
+
+def _dp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+    from datetime import timedelta
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        state, history = _dp_train(Path(out_dir) / "run")
+        torch.save({"state": state, "history": history}, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_take_the_steps_one_process_takes_over_the_global_batch(tmp_path: Path) -> None:
+    """gloo, 2 ranks × 2 examples per micro-batch, 2 micro-batches a step, clipping on: the
+    weights after 3 steps and the logged losses equal one process's over batches of 4. Rank 0
+    alone writes the checkpoints, complete, mid-stage and final."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_dp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    state, history = _dp_train(None)
+    torch.manual_seed(0)
+    before = LlamaDecoder(TINY_LLM).state_dict()
+    assert len(history) == 3
+    assert any(not torch.equal(before[k], v) for k, v in state.items())  # the single run did move
+    for r in ranks:
+        for name, value in state.items():
+            torch.testing.assert_close(r["state"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+        assert [h["step"] for h in r["history"]] == [h["step"] for h in history]
+        for got, want in zip(r["history"], history, strict=True):
+            assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+            assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4)
+    for name in ("step-000002", "final"):
+        saved = load_checkpoint(tmp_path / "run" / name)
+        assert saved.trainer_state_path.is_file()
+    torch.testing.assert_close(load_checkpoint(tmp_path / "run" / "final").model.state_dict(), ranks[0]["state"])

@@ -134,11 +134,14 @@ def train(
         help="chat template instead of the preset's (e.g. chatml for an imported Qwen2)")] = None,
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "cpu",
 ) -> None:
-    """Train the LLaVA pipeline: CLIP-style ViT, LM, then LLaVA stages 1 (align) and 2 (instruct)."""
+    """Train the LLaVA pipeline: CLIP-style ViT, LM, then LLaVA stages 1 (align) and 2 (instruct).
+    Under `torchrun --nproc_per_node N -m tessera.cli train ...` the N processes train data parallel
+    (the recipe's batch sizes stay the global batches; see tessera.train.parallel)."""
     from tessera.pipeline import train_llava
     from tessera.presets.llava import get_preset
+    from tessera.train.parallel import init_from_env, is_main_process
     from tessera.train.tasks import COUNT_OBJECTIVE
-    from tessera.train.trainer import training_device
+    from tessera.train.trainer import resolve_device, training_device
     from tessera.vision.vit import ViTConfig
 
     stages = stage or None  # None: all stages, less those of imported parts
@@ -164,11 +167,14 @@ def train(
         if vit_patch_embed is not None:
             vision = ViTConfig.model_validate({**chosen.vision.model_dump(), "patch_embed": vit_patch_embed})
             chosen = chosen.model_copy(update={"vision": vision})
+        init_from_env(resolve_device(device))
         with training_device(device):
             result = train_llava(chosen, data, out, stages=stages, step_scale=step_scale, seed=seed,
                                  resume=resume_map, vision_from=vision_from, language_from=language_from)
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
+    if not is_main_process():
+        return
     for note in result.notes:
         typer.echo(note)
     for r in result.stages:

@@ -48,6 +48,7 @@ from tessera.text.llama import LlamaDecoder
 from tessera.text.tokenizer import Tokenizer, train_bpe
 from tessera.text.word_swaps import WordSwapper
 from tessera.train.checkpoint import load_checkpoint
+from tessera.train.parallel import is_main_process, wait_for_everyone
 from tessera.train.stage import StageConfig
 from tessera.train.tasks import (
     REGION_OBJECTIVES,
@@ -177,12 +178,17 @@ def train_lvlm(
     tok_file = source / "tokenizer" / "tokenizer.json"
     if pretrained is not None and parts.tokenizer is None and not tok_file.is_file():
         raise FileNotFoundError(f"pretrained run {source} has no tokenizer ({tok_file})")
+    # Under torchrun every rank would write the same tokenizer: rank 0 does, the others wait.
     if parts.tokenizer is not None:  # the imported LLM's tokenizer
-        tok_file = parts.tokenizer.save(out / "tokenizer")
+        tok_file = out / "tokenizer" / "tokenizer.json"
+        if is_main_process():
+            tok_file = parts.tokenizer.save(out / "tokenizer")
     elif "clip" in stages or (vision_from is not None and "lm" in stages) or not tok_file.is_file():
-        extra = {"extra_special_tokens": preset.special_tokens} if preset.special_tokens else {}
-        tokenizer = train_bpe(corpus_texts(data_dir), vocab_size=preset.tokenizer_vocab_size, **extra)
-        tokenizer.save(tok_file.parent)
+        if is_main_process():
+            extra = {"extra_special_tokens": preset.special_tokens} if preset.special_tokens else {}
+            tokenizer = train_bpe(corpus_texts(data_dir), vocab_size=preset.tokenizer_vocab_size, **extra)
+            tokenizer.save(tok_file.parent)
+    wait_for_everyone()
     tokenizer = Tokenizer.load(tok_file)
     size = preset.image_size
     transform = parts.image_transform(size)  # an imported tower's size and statistics

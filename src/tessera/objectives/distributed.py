@@ -1,4 +1,6 @@
-"""Collectives for losses that compare every sample with the whole global batch (ITC, sigmoid).
+"""Collectives for losses that compare every sample with the whole global batch (ITC, sigmoid),
+and the few the data-parallel Trainer needs (gradient averaging, agreeing on a skipped batch,
+logs averaged over ranks).
 
 Each rank encodes its local slice of the global batch; the contrastive losses need the other
 ranks' embeddings as well, and their gradients must come out as if one process had run the
@@ -31,7 +33,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def world_size_and_rank(group: dist.ProcessGroup | None = None) -> tuple[int, int]:
@@ -92,3 +94,43 @@ def gather_with_grad(
             f"sizes {list(sizes)} do not fit rank {rank} of {world} holding {local.shape[0]} rows"
         )
     return _GatherWithGrad.apply(local.contiguous(), tuple(sizes), rank, group)
+
+
+def average_gradients(params: Sequence[nn.Parameter], group: dist.ProcessGroup | None = None) -> None:
+    """Replace each parameter's gradient by its mean over ranks (what DDP does), in ONE
+    all-reduce over a flat buffer. A parameter no loss reached on this rank counts as zero, so
+    every rank sends the same layout."""
+    world, _ = world_size_and_rank(group)
+    if world == 1 or not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    flat /= world
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset : offset + n].view_as(p).clone()
+        offset += n
+
+
+def all_ranks(flag: bool, device: torch.device, group: dist.ProcessGroup | None = None) -> bool:
+    """True when `flag` is true on every rank (e.g. every rank has a usable batch)."""
+    world, _ = world_size_and_rank(group)
+    if world == 1:
+        return flag
+    value = torch.tensor([1 if flag else 0], dtype=torch.long, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN, group=group)
+    return bool(value.item())
+
+
+def mean_over_ranks(values: dict[str, float], device: torch.device,
+                    group: dist.ProcessGroup | None = None) -> dict[str, float]:
+    """Each value averaged over ranks (the same keys on every rank), for logs of the global batch."""
+    world, _ = world_size_and_rank(group)
+    if world == 1 or not values:
+        return values
+    keys = sorted(values)
+    packed = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+    return dict(zip(keys, (packed / world).tolist(), strict=True))

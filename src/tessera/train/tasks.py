@@ -27,6 +27,7 @@ from tessera.data.templates import IGNORE_INDEX
 from tessera.models.dual_encoder import DualEncoder, SigLIPDualEncoder
 from tessera.models.slot_reader import READING_OBJECTIVE, SlotReader, weighted_total
 from tessera.objectives.contrastive import clip_loss, region_phrase_loss, siglip_loss
+from tessera.objectives.distributed import world_size_and_rank
 from tessera.objectives.lm import next_token_loss
 from tessera.text.tokenizer import Tokenizer
 from tessera.text.word_swaps import CountPhrases, WordSwapper
@@ -120,7 +121,8 @@ class ContrastiveTask:
     `objectives` names the one loss and its weight: {"itc": w} (CLIP) or {"sigmoid": w}
     (SigLIP; the model needs a `logit_bias`). None takes the model's own loss: sigmoid for a
     SigLIPDualEncoder, itc otherwise. `distributed` makes the loss cover the global batch of
-    all ranks (features gathered with gradients, see objectives.contrastive). SigLIP's text
+    all ranks (features gathered with gradients, see objectives.contrastive); None (default):
+    whenever a process group of more than one rank runs (the data-parallel Trainer). SigLIP's text
     tower pools the LAST position, so its texts must all have one length: `pad_to_max_length`
     pads every text to `max_text_length`, as SigLIP pads to its 64 tokens. `hard_negatives`
     adds, for each drawn caption, that caption with one attribute word swapped as an
@@ -153,7 +155,7 @@ class ContrastiveTask:
     def __init__(
         self, pairs: Sequence[CaptionPairs], tokenizer: Tokenizer, images: ImageCache,
         max_text_length: int, objectives: dict[str, float] | None = None, *,
-        distributed: bool = False, pad_to_max_length: bool = False, hard_negatives: WordSwapper | None = None,
+        distributed: bool | None = None, pad_to_max_length: bool = False, hard_negatives: WordSwapper | None = None,
         regions: Mapping[Path, Sequence[RegionPhrase]] | None = None, grayscale: GrayscaleViews | None = None,
         counts: CountPhrases | None = None,
     ) -> None:
@@ -315,6 +317,8 @@ class ContrastiveTask:
         txt = model.encode_text(batch.ids, batch.mask)
         logs = {"logit_scale": float(model.logit_scale.detach().exp())}
         negatives = None
+        # By default the loss covers the global batch whenever the Trainer runs data parallel.
+        distributed = self.distributed if self.distributed is not None else world_size_and_rank()[0] > 1
         if self.hard_negatives is not None:
             # Every rank encodes (possibly zero) negatives, so the gather in the loss matches.
             negatives = (model.encode_text(batch.negative_ids, batch.negative_mask)
@@ -324,11 +328,11 @@ class ContrastiveTask:
             if bias is None:
                 raise ValueError(f"the sigmoid objective needs a model with a logit_bias; {type(model).__name__} has none")
             loss = siglip_loss(img, txt, model.logit_scale, bias, hard_negative_texts=negatives,
-                               distributed=self.distributed)
+                               distributed=distributed)
             logs["logit_bias"] = float(bias.detach())
         else:
             loss = clip_loss(img, txt, model.logit_scale, hard_negative_texts=negatives,
-                             distributed=self.distributed)
+                             distributed=distributed)
         with torch.no_grad():
             logs["i2t_acc"] = float(((img @ txt.t()).argmax(1) == torch.arange(len(img), device=img.device)).float().mean())
         if batch.count_targets is not None and batch.count_ids is not None:

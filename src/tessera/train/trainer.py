@@ -16,6 +16,14 @@ Device: a stage trains where `device` says (the Trainer argument, else the inner
 `training_device(...)` block, else the CPU). The model moves there for the stage, every batch
 follows it (`move_to`), and the model goes back to the device it came on when the stage ends,
 so that data preparation and evaluation, which run on the CPU, never see a GPU tensor.
+
+Data parallel (under torchrun, `tessera.train.parallel`): every rank draws the same global
+batch of `stage.batch_size` examples and builds its strided slice; gradients are averaged
+over ranks after the step's micro-batches (one all-reduce), so N processes take the step one
+process takes over the whole batch (exactly, when the loss is a mean over examples and the
+slices are equal; a loss averaged over tokens weighs each rank's slice alike, as DDP does). A
+batch is skipped on every rank when any rank's slice has no usable example. The logged loss is the global mean (other logs are rank 0's); rank 0
+alone shows progress and writes checkpoints.
 """
 
 from __future__ import annotations
@@ -37,8 +45,15 @@ from tqdm.auto import tqdm
 
 from tessera.data.records import SkipStats
 from tessera.nn.lora import apply_lora, lora_trainable_prefixes
+from tessera.objectives.distributed import (
+    all_ranks,
+    average_gradients,
+    mean_over_ranks,
+    world_size_and_rank,
+)
 from tessera.train.checkpoint import load_checkpoint, save_checkpoint
 from tessera.train.freeze import TrainableReport, set_trainable
+from tessera.train.parallel import is_main_process, wait_for_everyone
 from tessera.train.stage import StageConfig
 
 
@@ -214,10 +229,14 @@ class Trainer:
         }
 
     def save(self, path: Path, step: int, optimizer: torch.optim.Optimizer, batches_seen: int) -> Path:
-        return save_checkpoint(
-            path, self.model, meta={**self.checkpoint_meta, "stage": self.stage.name, "step": step},
-            tokenizer_file=self.tokenizer_file, trainer_state=self._state(step, optimizer, batches_seen),
-        )
+        """Rank 0 writes (the ranks hold the same weights); the others wait until it is complete."""
+        if is_main_process():
+            save_checkpoint(
+                path, self.model, meta={**self.checkpoint_meta, "stage": self.stage.name, "step": step},
+                tokenizer_file=self.tokenizer_file, trainer_state=self._state(step, optimizer, batches_seen),
+            )
+        wait_for_everyone()
+        return path
 
     def fit(self, resume_from: str | Path | None = None) -> StageResult:
         home = _model_device(self.model)
@@ -238,6 +257,11 @@ class Trainer:
         model.to(device)  # before the optimizer, whose state lives beside the parameters
         report = set_trainable(model, trainable)
         optimizer = build_optimizer(model, stage)
+        params = [p for p in model.parameters() if p.requires_grad]
+        world, rank = world_size_and_rank()
+        if stage.batch_size % world:
+            raise ValueError(f"stage {stage.name!r}: batch_size {stage.batch_size} (the global batch) does not "
+                             f"split over {world} processes")
         sampler = EpochSampler(self.task.num_examples, stage.batch_size, stage.seed)
         step = batches_seen = 0
         if resume_from is not None:
@@ -247,8 +271,8 @@ class Trainer:
             start_at(step)  # tasks whose objectives follow the step (ALBEF's α ramp) resume in place
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=stage.bf16)
         history: list[dict[str, float]] = []
-        bar = tqdm(total=stage.steps, initial=step, desc=f"train {stage.name}", disable=not self.progress,
-                   dynamic_ncols=True, leave=True)
+        bar = tqdm(total=stage.steps, initial=step, desc=f"train {stage.name}",
+                   disable=not self.progress or rank != 0, dynamic_ncols=True, leave=True)
         start, last_loss, window = time.perf_counter(), float("nan"), []
         # Data in which nothing is usable would otherwise draw empty batches forever.
         max_empty_in_a_row, empty_in_a_row = 10 * sampler.per_epoch, 0
@@ -259,9 +283,9 @@ class Trainer:
             logs_acc: dict[str, float] = {}
             micro = 0
             while micro < stage.grad_accum:
-                batch = self.task.make_batch(sampler.batch(batches_seen))
+                batch = self.task.make_batch(sampler.batch(batches_seen)[rank::world])
                 batches_seen += 1
-                if batch is None:
+                if not all_ranks(batch is not None, device):
                     self.task.skips.skip("batch with no usable example", f"batch {batches_seen - 1}")
                     empty_in_a_row += 1
                     if empty_in_a_row >= max_empty_in_a_row:
@@ -277,8 +301,10 @@ class Trainer:
                 for k, v in {"loss": float(loss.detach()), **logs}.items():
                     logs_acc[k] = logs_acc.get(k, 0.0) + v / stage.grad_accum
                 micro += 1
+            if world > 1:
+                average_gradients(params)
+                logs_acc["loss"] = mean_over_ranks({"loss": logs_acc["loss"]}, device)["loss"]
             if stage.max_grad_norm is not None:
-                params = [p for p in model.parameters() if p.requires_grad]
                 logs_acc["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
