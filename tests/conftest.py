@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,14 @@ def tiny_shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     generate_shapes(ShapesConfig(seed=0, num_train=120, num_val=10, num_test=20, num_test_comp=20), root,
                     progress=False)
     return root
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a gloo process group of spawned test processes."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -11,7 +11,6 @@ it as a control: its gradients must differ, which shows the comparison can fail.
 from __future__ import annotations
 
 import math
-import socket
 from datetime import timedelta
 from pathlib import Path
 
@@ -132,16 +131,11 @@ def _worker(rank: int, world: int, port: int, sizes: list[int], out_dir: str) ->
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("sizes", [[3, 3], [2, 4, 1], [1, 3]], ids=["2 ranks, equal", "3 ranks, unequal", "2 ranks, one without hard negatives"])
-def test_distributed_losses_and_gradients_equal_single_process(sizes: list[int], tmp_path: Path) -> None:
+def test_distributed_losses_and_gradients_equal_single_process(sizes: list[int], tmp_path: Path,
+                                                                free_port: int) -> None:
     world = len(sizes)
-    mp.spawn(_worker, args=(world, _free_port(), sizes, str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port, sizes, str(tmp_path)), nprocs=world, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 
     model = TinyDualEncoder()

@@ -3,8 +3,13 @@ distillation targets and the α ramp."""
 
 from __future__ import annotations
 
+from datetime import timedelta
+from pathlib import Path
+
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import nn
 
 from tessera.objectives.momentum import (
@@ -135,3 +140,28 @@ def test_alpha_ramp() -> None:
     assert alpha_ramp(100, 100, 0.4) == pytest.approx(0.4)
     assert alpha_ramp(1000, 100, 0.4) == pytest.approx(0.4)
     assert alpha_ramp(0, 0, 0.4) == pytest.approx(0.4)
+
+
+def _queue_worker(rank: int, port: int, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    try:
+        queue = FeatureQueue(5, {"image": 2}, ids=["image_id"])
+        for step in range(2):  # rank 0 enqueues 2 rows a step, rank 1 one row: 3 a step, wrapping at 5
+            n = 2 - rank
+            queue.enqueue(image=torch.full((n, 2), 10.0 * step + rank), image_id=torch.arange(n) + 100 * rank)
+        torch.save(queue.state_dict(), Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_queue_under_data_parallelism_enqueues_every_ranks_rows(tmp_path: Path, free_port: int) -> None:
+    mp.spawn(_queue_worker, args=(free_port, str(tmp_path)), nprocs=2, join=True)
+    states = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    single = FeatureQueue(5, {"image": 2}, ids=["image_id"])
+    for step in range(2):  # what one process sees: rank 0's rows, then rank 1's
+        single.enqueue(image=torch.tensor([[10.0 * step] * 2, [10.0 * step] * 2, [10.0 * step + 1] * 2]),
+                       image_id=torch.tensor([0, 1, 100]))
+    for state in states:
+        for name, value in single.state_dict().items():
+            assert torch.equal(state[name], value), name

@@ -1,13 +1,19 @@
-"""The trainer: freezing, optimizer groups, schedule, checkpoints, exact resume."""
+"""The trainer: freezing, optimizer groups, schedule, checkpoints, exact resume, devices, and
+data parallelism (2 gloo processes equal 1 process over the whole batches)."""
 
 from __future__ import annotations
 
 import json
 import math
+from collections import namedtuple
+from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from tessera.config import ConfigError
 from tessera.data.collate import Sample
@@ -18,7 +24,15 @@ from tessera.train.checkpoint import CheckpointError, load_checkpoint, save_chec
 from tessera.train.freeze import set_trainable
 from tessera.train.stage import StageConfig
 from tessera.train.tasks import ConversationTask, LanguageModelTask
-from tessera.train.trainer import EpochSampler, Trainer, build_optimizer, lr_factor
+from tessera.train.trainer import (
+    EpochSampler,
+    Trainer,
+    build_optimizer,
+    lr_factor,
+    move_to,
+    resolve_device,
+    training_device,
+)
 from tessera.vision.vit import ViTConfig
 
 TINY_LLM = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
@@ -211,11 +225,6 @@ def test_move_to_moves_every_tensor_at_any_depth_and_nothing_else() -> None:
     """The batch shapes the tasks build: dataclasses holding tensors, lists of images, dicts of
     nested dataclasses, tuples and named tuples. `meta` stands in for a GPU (no CPU test can
     allocate on one)."""
-    from collections import namedtuple
-    from dataclasses import dataclass, field
-
-    from tessera.train.trainer import move_to
-
     Pair = namedtuple("Pair", "ids mask")
 
     @dataclass
@@ -243,8 +252,6 @@ def test_move_to_moves_every_tensor_at_any_depth_and_nothing_else() -> None:
 
 
 def test_devices_are_checked_before_any_training() -> None:
-    from tessera.train.trainer import resolve_device, training_device
-
     assert resolve_device("cpu") == torch.device("cpu")
     for bad in ("tpu", "mps", "not a device"):
         with pytest.raises(ValueError, match="device"):
@@ -257,8 +264,6 @@ def test_devices_are_checked_before_any_training() -> None:
 
 
 def test_a_trainer_takes_the_device_of_the_innermost_block(tmp_path: Path) -> None:
-    from tessera.train.trainer import training_device
-
     model = LlamaDecoder(TINY_LLM)
     stage = StageConfig(name="lm", trainable=["*"], steps=1, batch_size=2, lr=1e-3)
     task = LanguageModelTask(["abc", "defg"], CharTokenizer(), max_length=8)
@@ -290,9 +295,6 @@ def _dp_train(out_dir: Path | None) -> tuple[dict[str, torch.Tensor], list[dict[
 
 
 def _dp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    import torch.distributed as dist
-    from datetime import timedelta
-
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
@@ -303,18 +305,11 @@ def _dp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def test_two_processes_take_the_steps_one_process_takes_over_the_global_batch(tmp_path: Path) -> None:
+def test_two_processes_take_the_steps_one_process_takes_over_the_global_batch(tmp_path: Path, free_port: int) -> None:
     """gloo, 2 ranks × 2 examples per micro-batch, 2 micro-batches a step, clipping on: the
     weights after 3 steps and the logged losses equal one process's over batches of 4. Rank 0
     alone writes the checkpoints, complete, mid-stage and final."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_dp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_dp_worker, args=(2, free_port, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     state, history = _dp_train(None)
     torch.manual_seed(0)

@@ -24,9 +24,8 @@ weights are BUFFERS (objectives/momentum.momentum_buffers): they are saved in th
 resumed run continues exactly, while `named_parameters()`, `set_trainable` and the optimizer
 never see them, so no trainable prefix (not even "*") can reach them. After loading main
 weights from elsewhere, `reset_momentum()` copies them into the momentum model.
-The queue and the ITC bank are per process: under data parallelism ALBEF all-gathers the
-momentum features before enqueueing, which this module does not do (one process, as the
-tiny recipe runs).
+Under data parallelism the queue enqueues every rank's momentum features (FeatureQueue
+all-gathers them, as ALBEF does), so every rank holds the same queue.
 
 Parameter names follow ALBEF's checkpoints where the parts allow: visual_encoder.*,
 text_encoder.bert.* (BertModel: layers 0..fusion_layer-1 text, the rest fusion with

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tessera.objectives.distributed import gather_sizes, gather_with_grad, world_size_and_rank
+
 
 def momentum_copy(module: nn.Module) -> nn.Module:
     """A deep copy whose parameters never take gradients; `ema_update_` moves it."""
@@ -97,7 +99,8 @@ def ema_update_buffers_(target: nn.Module, source: nn.Module, momentum: float) -
 
 
 class FeatureQueue(nn.Module):
-    """Ring buffer of K rows per field; `enqueue` writes n rows at the pointer, wrapping.
+    """Ring buffer of K rows per field; `enqueue` writes n rows at the pointer, wrapping. Under
+    data parallelism it writes the rows of every rank.
 
     `widths` names the float feature fields (e.g. image=256, text=256) and their widths; `ids`
     names integer fields of one value per row (BLIP's image ids). Rows live in slot order;
@@ -136,6 +139,13 @@ class FeatureQueue(nn.Module):
         if len(set(counts.values())) != 1:
             raise ValueError(f"every field must enqueue the same number of rows, got {counts}")
         n = next(iter(counts.values()))
+        world, _ = world_size_and_rank()
+        if world > 1:
+            # Data parallel: every rank enqueues every rank's rows, in rank order (as ALBEF and
+            # BLIP all-gather before enqueueing), so the queues stay identical.
+            sizes = gather_sizes(n, self.ptr.device)
+            rows = {name: gather_with_grad(value.detach().contiguous(), sizes=sizes) for name, value in rows.items()}
+            n = sum(sizes)
         keep = min(n, self.size)
         start = int(self.ptr) + n - keep  # the dropped first n - keep rows would be overwritten anyway
         slots = (start + torch.arange(keep, device=self.ptr.device)) % self.size
