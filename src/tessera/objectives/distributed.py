@@ -98,19 +98,21 @@ def gather_with_grad(
 
 def average_gradients(params: Sequence[nn.Parameter], group: dist.ProcessGroup | None = None) -> None:
     """Replace each parameter's gradient by its mean over ranks (what DDP does), in ONE
-    all-reduce over a flat buffer. A parameter no loss reached on this rank counts as zero, so
-    every rank sends the same layout."""
+    all-reduce over a flat buffer. A parameter no loss reached on this rank counts as zero; one
+    no loss reached on ANY rank keeps no gradient, as in a single process (AdamW skips it)."""
     world, _ = world_size_and_rank(group)
     if world == 1 or not params:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    reached = torch.tensor([p.grad is not None for p in params], dtype=grads[0].dtype, device=grads[0].device)
+    flat = torch.cat([g.reshape(-1) for g in grads] + [reached])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
     flat /= world
     offset = 0
-    for p in params:
+    reached_anywhere = (flat[-len(params):] > 0).tolist()
+    for p, anywhere in zip(params, reached_anywhere, strict=True):
         n = p.numel()
-        p.grad = flat[offset : offset + n].view_as(p).clone()
+        p.grad = flat[offset : offset + n].view_as(p).to(p.dtype, copy=True) if anywhere else None
         offset += n
 
 

@@ -22,8 +22,8 @@ batch of `stage.batch_size` examples and builds its strided slice; gradients are
 over ranks after the step's micro-batches (one all-reduce), so N processes take the step one
 process takes over the whole batch (exactly, when the loss is a mean over examples and the
 slices are equal; a loss averaged over tokens weighs each rank's slice alike, as DDP does). A
-batch is skipped on every rank when any rank's slice has no usable example. The logged loss is the global mean (other logs are rank 0's); rank 0
-alone shows progress and writes checkpoints.
+batch is skipped on every rank when any rank's slice has no usable example. The logged loss is
+the global mean (other logs are rank 0's); rank 0 alone shows progress and writes checkpoints.
 """
 
 from __future__ import annotations
