@@ -67,3 +67,17 @@ def test_a_training_run_on_the_gpu_ends_where_the_cpu_run_ends(packing: bool) ->
     off = {name: float((gpu_state[name] - value).abs().max()) for name, value in cpu_state.items()
            if not name.endswith("k_proj.bias") and not torch.allclose(gpu_state[name], value, rtol=1e-3, atol=1e-4)}
     assert not off, off
+
+
+def test_generation_on_the_gpu_writes_what_the_cpu_writes() -> None:
+    """Greedy decoding with the KV cache, images handed over on the CPU (as eval and chat do)."""
+    from tessera.infer.generate import GenerationConfig, generate
+
+    model = tiny_lvlm().eval()
+    n_img = model.num_image_tokens(16, 16)
+    prompts = [[1] + [5] * n_img + [20, 21, 22], [1] + [5] * n_img + [30]]
+    images = [torch.rand(3, 16, 16), torch.rand(3, 16, 16)]
+    kwargs = dict(stop_ids=[2], pad_id=0, config=GenerationConfig(max_new_tokens=12))
+    want = generate(model, prompts, images, **kwargs)
+    got = generate(model.cuda(), prompts, images, **kwargs)
+    assert got == want and all(len(row) > 0 for row in want)

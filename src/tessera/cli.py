@@ -198,7 +198,8 @@ def evaluate(
     threads: Annotated[int | None, typer.Option(min=1, help="torch CPU threads (default: torch's)")] = None,
     finetune_steps: Annotated[int | None, typer.Option(
         min=1, help="fusion checkpoints: fine-tuning steps of each task's head (default: the zoo's)")] = None,
-    device: Annotated[str, typer.Option(help="fusion checkpoints: " + DEVICE_HELP)] = "cpu",
+    device: Annotated[str, typer.Option(
+        help="cpu, cuda or cuda:N: where an LVLM generates, or where a fusion checkpoint's heads are fine-tuned")] = "cpu",
 ) -> None:
     """VQA accuracy (official normalisation) per question type, in-distribution and compositional;
     or, with --task, a reading task's metrics (grounding Acc@IoU≥0.5, OCR character error rate,
@@ -214,7 +215,7 @@ def evaluate(
     from tessera.pipeline import SPLIT_LABELS, evaluate_shapes_reading, evaluate_shapes_vqa
     from tessera.text.tokenizer import Tokenizer
     from tessera.train.checkpoint import CheckpointError, load_checkpoint
-    from tessera.train.trainer import training_device
+    from tessera.train.trainer import resolve_device, training_device
 
     try:
         ckpt = load_checkpoint(checkpoint)
@@ -224,6 +225,7 @@ def evaluate(
             return
         if not isinstance(ckpt.model, LVLM):
             raise CheckpointError(f"{checkpoint} holds a {ckpt.kind} model; VQA needs an LVLM checkpoint")
+        ckpt.model.to(resolve_device(device))
         tokenizer = Tokenizer.load(ckpt.tokenizer_path)
         template = ckpt.meta.get("template", "vicuna")
         splits = split or list(SPLIT_LABELS)
@@ -294,17 +296,20 @@ def chat(
     question: Annotated[str | None, typer.Argument(help="omit for an interactive session")] = None,
     image: Annotated[Path | None, typer.Option(help="image file")] = None,
     max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N: where the model generates")] = "cpu",
 ) -> None:
     """Ask a trained LVLM about an image."""
     from tessera.data.images import ImageError
     from tessera.data.records import Turn
     from tessera.infer.chat import ChatSession
     from tessera.infer.generate import GenerationConfig
+    from tessera.train.trainer import resolve_device
 
     try:
         session = ChatSession.from_checkpoint(
             checkpoint, GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                          seed=seed))
+        session.model.to(resolve_device(device))
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
     images = [image] if image is not None else []

@@ -43,7 +43,7 @@ def _decoder(model: nn.Module) -> LlamaDecoder:
 def _embed(model: nn.Module, ids: Tensor, images: Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
     """Prompt embeddings and the image-token mask (None without an LVLM)."""
     if isinstance(model, LVLM):
-        return model.embed(ids, images)
+        return model.embed(ids, [image.to(ids.device) for image in images])  # images come from the CPU
     return model.embed_tokens(ids), None
 
 
