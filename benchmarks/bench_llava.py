@@ -59,8 +59,8 @@ Run: `make bench` (= `.venv/bin/python benchmarks/bench_llava.py --out benchmark
 --md BENCHMARKS.md`). Nothing else should use the CPU while it runs.
 
 On a GPU: `--device cuda` (benchmarks/cuda_batch16.md and cuda_batch128.md hold such runs).
-Everything above holds, with these differences: timings synchronise the device before reading the clock; the peak is the
-device's measured matmul rate (fp32 without TF32, and bf16); float32 runs with TF32 off on both
+Everything above holds, with these differences: timings synchronise the device before reading
+the clock; the peak is the device's measured matmul rate (fp32 without TF32, and bf16); float32 runs with TF32 off on both
 sides (convolutions included), so the parity check and the fp32 rows compare true float32;
 bf16 rows are CUDA autocast.
 """
@@ -106,6 +106,7 @@ from tessera.models.lvlm import LVLM, LVLMConfig
 from tessera.objectives.lm import next_token_loss
 from tessera.presets.llava import tiny
 from tessera.text.tokenizer import Tokenizer, train_bpe
+from tessera.train.trainer import move_to
 
 TEMPLATE = "vicuna"
 PARITY_TOLERANCE = 1e-4
@@ -662,14 +663,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     tok = work.tokenizer
     ours, hf = build_models(tok.vocab_size, tok.image_id, image_tokens, args.seed)
     ours, hf = ours.to(device), hf.to(device)
-
-    def on_device(batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {k: v.to(device) for k, v in batch.items()}
-
-    mixed_ours = tessera_batch(work.mixed, tok.pad_id, work.images, packed=True).to(device)
-    mixed_hf = on_device(hf_padded(work.mixed, tok.pad_id, work.images))
-    dense_ours = tessera_batch(work.dense, tok.pad_id, work.images, packed=False).to(device)
-    dense_hf = on_device(hf_padded(work.dense, tok.pad_id, work.images))
+    mixed_ours = move_to(tessera_batch(work.mixed, tok.pad_id, work.images, packed=True), device)
+    mixed_hf = move_to(hf_padded(work.mixed, tok.pad_id, work.images), device)
+    dense_ours = move_to(tessera_batch(work.dense, tok.pad_id, work.images, packed=False), device)
+    dense_hf = move_to(hf_padded(work.dense, tok.pad_id, work.images), device)
     del dense_hf["attention_mask"]  # no padding: transformers' plain causal path
 
     parity = {"mixed": check_parity(ours, hf, mixed_ours, mixed_hf, "mixed lengths"),

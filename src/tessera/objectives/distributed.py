@@ -126,13 +126,11 @@ def all_ranks(flag: bool, device: torch.device, group: dist.ProcessGroup | None 
     return bool(value.item())
 
 
-def mean_over_ranks(values: dict[str, float], device: torch.device,
-                    group: dist.ProcessGroup | None = None) -> dict[str, float]:
-    """Each value averaged over ranks (the same keys on every rank), for logs of the global batch."""
+def mean_over_ranks(value: float, device: torch.device, group: dist.ProcessGroup | None = None) -> float:
+    """`value` averaged over ranks (e.g. the loss of the global batch)."""
     world, _ = world_size_and_rank(group)
-    if world == 1 or not values:
-        return values
-    keys = sorted(values)
-    packed = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    if world == 1:
+        return value
+    packed = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
-    return dict(zip(keys, (packed / world).tolist(), strict=True))
+    return float(packed.item()) / world

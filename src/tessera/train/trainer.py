@@ -303,7 +303,7 @@ class Trainer:
                 micro += 1
             if world > 1:
                 average_gradients(params)
-                logs_acc["loss"] = mean_over_ranks({"loss": logs_acc["loss"]}, device)["loss"]
+                logs_acc["loss"] = mean_over_ranks(logs_acc["loss"], device)
             if stage.max_grad_norm is not None:
                 logs_acc["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, stage.max_grad_norm))
             optimizer.step()
