@@ -203,3 +203,10 @@ def test_smoke_run_of_the_clip_preset(zoo_data: Path, tmp_path: Path) -> None:
         assert set(result["metrics"][label]) == set(result["baselines"][label])
     assert result["notes"]["steps_by_stage"] == {"clip": 6}  # 1,500 steps × 0.004
     assert "| clip | " in (tmp_path / "ZOO.md").read_text()
+
+
+def test_the_zoo_refuses_to_run_under_torchrun(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="one process"):
+        run_zoo(["clip"], tmp_path, progress=False, log=None)
+    assert not any(tmp_path.iterdir())  # nothing written

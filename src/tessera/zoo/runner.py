@@ -208,6 +208,9 @@ def run_zoo(
         log(f"zoo: warning: {_broken(found).strip()}")
     if not scale > 0:
         raise ValueError(f"scale must be positive, got {scale}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("the zoo runs in one process (every rank would evaluate and write the same files): "
+                         "run it without torchrun, with --device cuda for a GPU")
     train_on = resolve_device(device)
     if threads is not None:
         if threads < 1:
