@@ -18,15 +18,14 @@ import torch.distributed as dist
 from tessera.objectives.distributed import world_size_and_rank
 
 
-def init_from_env(device: torch.device) -> bool:
-    """Join the process group torchrun describes (WORLD_SIZE > 1); False when there is none.
-    On CUDA each process takes the GPU of its LOCAL_RANK."""
+def init_from_env(device: torch.device) -> None:
+    """Join the process group torchrun describes (WORLD_SIZE > 1), unless already joined; nothing
+    in a plain run. On CUDA each process takes the GPU of its LOCAL_RANK."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
-        return dist.is_available() and dist.is_initialized()
+        return
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30))
-    return True
 
 
 def is_main_process() -> bool:
